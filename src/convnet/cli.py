@@ -1,0 +1,224 @@
+"""`convnet` command line: each command parses its options and calls one library function.
+
+Heavy imports (TensorFlow, Keras) happen inside the commands that need them, so `convnet serve`,
+`evaluate` and `predict` start fast and run without the `train` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+MODEL_HELP = "Model root (highest version used) or one version folder. Default: bundled model."
+
+
+class CliError(click.ClickException):
+    exit_code = 2
+
+
+def _fail_clearly(fn):
+    """Turn our own input errors (ValueErrors defined in convnet: DataError, ImageError,
+    ModelDirError, TrainError) into one-line messages; anything else keeps its traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as exc:
+            if not type(exc).__module__.startswith("convnet."):
+                raise
+            raise CliError(str(exc)) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="convnet")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """Train a convolutional image classifier and serve it over HTTP."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
+              show_default=True, help="Folder to download into.")
+@click.option("--url", default=None, help="Mirror URL of cifar-10-python.tar.gz.")
+@_fail_clearly
+def download(dest: Path, url: str | None) -> None:
+    """Fetch the official CIFAR-10 python tarball, MD5-verified, resuming if interrupted."""
+    from convnet import download as dl
+
+    try:
+        path = dl.download_cifar10(dest, **({"url": url} if url else {}))
+    except dl.DownloadError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(path)
+
+
+@main.command()
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True),
+              help="Dataset: CIFAR-10 batches (folder or tarball), image folder or archive.")
+@click.option("--test-data", type=click.Path(exists=True), default=None,
+              help="Test set, if not inside --data.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/cifar10",
+              show_default=True, help="Model root; the run writes version max+1.")
+@click.option("--preset", type=click.Choice(["fast", "quick", "tutorial"]), default="fast",
+              show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Default: the preset's.")
+@click.option("--batch-size", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--lr", type=float, default=None, help="Peak learning rate, per 1024 examples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="Fraction of train held out for validation.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1), default=0.2, show_default=True)
+@click.option("--translate", type=click.IntRange(0, 8), default=2, show_default=True,
+              help="Random translation, pixels.")
+@click.option("--no-flip", is_flag=True, help="Disable random horizontal flips.")
+@click.option("--tta/--no-tta", default=True, show_default=True,
+              help="Test-time augmentation when scoring the exported model.")
+@click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
+              help="Write TensorBoard logs (scalars and graph) here.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
+@click.option("--dry-run", is_flag=True, help="Print the model, parameters and FLOPs; exit.")
+@click.option("--no-cache", is_flag=True, help="Decode the dataset again, ignoring the cache.")
+@_fail_clearly
+def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_split,
+          label_smoothing, translate, no_flip, tta, tensorboard, resume, dry_run, no_cache):
+    """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics)."""
+    from convnet import data, models
+    from convnet import train as training
+
+    if dry_run:
+        model = models.build(preset, 10)
+        model.summary(print_fn=click.echo)
+        click.echo(f"parameters: {model.count_params():,}")
+        click.echo(f"forward FLOPs per image: {models.count_flops(model):,}")
+        return
+    splits = data.load_dataset(data_path, cache=not no_cache)
+    if test_data:
+        test = data.load_dataset(test_data, cache=not no_cache)
+        splits["test"] = test.get("test") or test.get("train")
+    if "train" not in splits:
+        raise CliError(f"{data_path} has no training split")
+    if splits.get("test") is not None and splits["test"].classes != splits["train"].classes:
+        raise CliError("train and test sets have different classes: "
+                       f"{splits['train'].classes} vs {splits['test'].classes}")
+    cfg = training.TrainConfig(
+        preset=preset, epochs=epochs, batch_size=batch_size, seed=seed, val_split=val_split,
+        label_smoothing=label_smoothing, translate=translate, flip=not no_flip, tta=tta,
+        data=str(data_path),
+    )
+    if lr is not None:
+        cfg.lr = lr
+    try:
+        version = training.train(cfg, splits["train"], out, test_split=splits.get("test"),
+                                 resume=resume, tensorboard=tensorboard)
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted. The last finished epoch is saved in {out}/.checkpoint; "
+                   f"continue with: convnet train --data {data_path} --out {out} --resume",
+                   err=True)
+        sys.exit(130)
+    metrics = json.loads((version / "metrics.json").read_text())
+    click.echo(f"wrote {version}")
+    if "accuracy" in metrics:
+        click.echo(f"test accuracy {metrics['accuracy']:.4f} (tta={metrics['tta']}), "
+                   f"trained in {metrics['train_seconds']:.0f} s")
+
+
+@main.command("export")
+@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+@click.option("--format", "fmt", type=click.Choice(["onnx", "saved_model"]), default="onnx",
+              show_default=True)
+@click.option("--out", type=click.Path(), default=None,
+              help="Where to write. Default: inside the version folder.")
+@_fail_clearly
+def export_cmd(model_dir, fmt, out):
+    """Re-export a version's model.keras as ONNX or a TF Serving SavedModel."""
+    from convnet.export import export_version
+
+    click.echo(export_version(model_dir, fmt, out))
+
+
+@main.command("evaluate")
+@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True))
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--backend", type=click.Choice(["onnx", "keras"]), default="onnx",
+              show_default=True, help="Restore with ONNX Runtime or Keras.")
+@click.option("--tta", is_flag=True, help="Average over flipped and shifted views.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--confusion", type=click.Path(dir_okay=False), default="confusion.png",
+              show_default=True, help="Confusion-matrix PNG to write.")
+@_fail_clearly
+def evaluate_cmd(model_dir, data_path, split, backend, tta, as_json, confusion):
+    """Restore a model and report accuracy, per-class and top-5 accuracy."""
+    from convnet import data
+    from convnet import evaluate as ev
+
+    splits = data.load_dataset(data_path)
+    chosen = splits.get(split) or (splits.get("train") if split == "test" else None)
+    if chosen is None:
+        raise CliError(f"{data_path} has no {split} split")
+    predictor = ev.load_predictor(model_dir, backend)
+    if chosen.classes != predictor.labels:
+        raise CliError(f"dataset classes {chosen.classes} differ from the model's "
+                       f"{predictor.labels}")
+    report = ev.evaluate(predictor, chosen.images, chosen.labels, tta=tta)
+    ev.plot_confusion(report["confusion_matrix"], chosen.classes, confusion,
+                      title=f"{predictor.version_dir} on {data_path}")
+    report["confusion_png"] = str(confusion)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"model     {report['model']} ({backend}{', tta' if tta else ''})")
+    click.echo(f"images    {report['num_images']}")
+    click.echo(f"accuracy  {report['accuracy']:.4f}")
+    click.echo(f"top-5     {report['top5_accuracy']:.4f}")
+    for name, acc in report["per_class_accuracy"].items():
+        click.echo(f"  {name:<14} {'-' if acc is None else f'{acc:.4f}'}")
+    click.echo(f"confusion matrix: {confusion}")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+@click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_fail_clearly
+def predict(files, model_dir, top_k, as_json):
+    """Top-k classes and probabilities for local image files."""
+    from convnet import evaluate as ev
+    from convnet.imaging import ImageError
+
+    predictor = ev.load_predictor(model_dir)
+    try:
+        results = ev.predict_files(predictor, list(files), top_k)
+    except ImageError as exc:
+        raise CliError(f"{exc}") from None
+    if as_json:
+        click.echo(json.dumps({"model": str(predictor.version_dir), "predictions": results}))
+        return
+    for r in results:
+        ranked = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
+        click.echo(f"{r['file']}: {ranked}")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+@click.option("--host", default=os.environ.get("HOST", "127.0.0.1"), show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=4, show_default=True)
+def serve(model_dir, host, port, workers, threads):
+    """Serve the model over HTTP with gunicorn (web page, REST, TF Serving and V2 APIs)."""
+    from convnet.serve.server import run
+
+    run(model=model_dir, host=host, port=port, workers=workers, threads=threads)

@@ -1,0 +1,146 @@
+"""The versioned model directory: the only place training, export, evaluation and serving meet.
+
+Layout (TensorFlow Serving's): ``ROOT/<integer version>/`` holding
+
+    model.onnx     the network, input "pixels" uint8 (N, 32, 32, 3), output "probabilities" (N, C)
+    model.keras    the Keras model (absent from the bundled model, which ships ONNX only)
+    labels.json    ["airplane", "automobile", ...], index = class id
+    metrics.json   test accuracy, per-class accuracy, training time, hardware, ...
+    config.json    the training configuration that produced it
+
+A version is written into a hidden staging folder and renamed into place, so a reader (a server
+polling for new versions) sees either nothing or a complete version, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+ONNX_FILE = "model.onnx"
+KERAS_FILE = "model.keras"
+LABELS_FILE = "labels.json"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be used, with the reason."""
+
+
+def bundled_model_root() -> Path:
+    """The CIFAR-10 model shipped inside the package (ONNX, labels, metrics)."""
+    return Path(str(resources.files("convnet") / "bundled" / "cifar10"))
+
+
+def list_versions(root: str | os.PathLike) -> list[int]:
+    """Integer version folders under `root`, ascending. Hidden staging folders are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def is_version_dir(path: Path) -> bool:
+    return (path / ONNX_FILE).is_file() or (path / KERAS_FILE).is_file()
+
+
+def resolve_version(path: str | os.PathLike | None) -> Path:
+    """Return the version folder for `path`: a version folder itself, or a root whose highest
+    version is taken. None means the bundled model."""
+    path = Path(path) if path is not None else bundled_model_root()
+    if not path.exists():
+        raise ModelDirError(f"model directory {path} does not exist")
+    if is_version_dir(path):
+        return path
+    versions = list_versions(path)
+    if not versions:
+        raise ModelDirError(
+            f"{path} holds no model: expected {ONNX_FILE} in it or integer version folders "
+            f"(e.g. {path}/1/{ONNX_FILE})"
+        )
+    return path / str(versions[-1])
+
+
+def model_name(version_dir: Path) -> str:
+    """The served name: the root folder's name (`cifar10` for the bundled model)."""
+    version_dir = Path(version_dir).resolve()
+    return version_dir.parent.name if version_dir.name.isdigit() else version_dir.name
+
+
+def version_number(version_dir: Path) -> int:
+    name = Path(version_dir).resolve().name
+    return int(name) if name.isdigit() else 1
+
+
+def read_json(path: Path, default=None):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        if default is not None:
+            return default
+        raise ModelDirError(f"{path} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{path} is not valid JSON: {exc}") from None
+
+
+def load_labels(version_dir: Path) -> list[str]:
+    labels = read_json(Path(version_dir) / LABELS_FILE)
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ModelDirError(f"{version_dir / LABELS_FILE} must be a non-empty list of strings")
+    return labels
+
+
+def load_metrics(version_dir: Path) -> dict:
+    return read_json(Path(version_dir) / METRICS_FILE, default={})
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a server run as another user
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def staging_dir(root: str | os.PathLike) -> Path:
+    """A hidden folder under `root` to fill before `publish`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    staged.chmod(0o755)
+    return staged
+
+
+def publish(root: str | os.PathLike, staged: Path) -> Path:
+    """Rename a filled staging folder to the next free version number; return its path.
+    Older versions are never touched."""
+    root = Path(root)
+    while True:
+        versions = list_versions(root)
+        target = root / str((versions[-1] if versions else 0) + 1)
+        try:
+            os.rename(staged, target)  # fails if target appeared meanwhile
+            return target
+        except OSError:
+            if not target.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+                raise

@@ -1,0 +1,85 @@
+"""The HTTP server: a web page, a JSON API, TensorFlow Serving's REST API and KServe's V2 protocol,
+all in front of one ONNX model directory.
+
+Run it for development with `flask --app convnet.serve run`, in production with `convnet serve`
+(gunicorn, see `convnet.serve.server`). Settings come from, in increasing priority, DEFAULTS below,
+environment variables `CONVNET_<NAME>` (e.g. CONVNET_MODEL_DIR=runs/cifar10,
+CONVNET_CORS_ORIGINS=https://a.example,https://b.example) and the `config` argument.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from convnet.imaging import MAX_PIXELS
+
+DEFAULTS = {
+    "MODEL_DIR": None,  # a model root or one version folder; None = the bundled CIFAR-10 model
+    "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,  # bytes per request body; more gets a 413
+    "MAX_IMAGE_PIXELS": MAX_PIXELS,  # width x height per image, read from the header; more: 413
+    "MAX_IMAGES_PER_REQUEST": 64,  # images per request (and per inference call)
+    "RELOAD_INTERVAL": 2.0,  # seconds between polls of the model root for new versions; 0 = off
+    "INFERENCE_THREADS": 1,  # ONNX Runtime threads per worker; 0 = one per core
+    "CORS_ORIGINS": [],  # origins allowed to call us from a browser; ["*"] = any; [] = CORS off
+}
+
+
+def _normalise(config) -> None:
+    """Env vars arrive as strings or JSON; bring every setting to its documented type."""
+    origins = config["CORS_ORIGINS"]
+    if isinstance(origins, str):
+        origins = [o.strip() for o in origins.split(",")]
+    config["CORS_ORIGINS"] = [o for o in origins or [] if o]
+    if config["MODEL_DIR"] == "":
+        config["MODEL_DIR"] = None
+    for key in ("MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS", "MAX_IMAGES_PER_REQUEST",
+                "INFERENCE_THREADS"):
+        config[key] = int(config[key])
+    config["RELOAD_INTERVAL"] = float(config["RELOAD_INTERVAL"])
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the app and load the model (polling for new versions if RELOAD_INTERVAL > 0)."""
+    app = Flask(__name__, template_folder="../templates", static_folder="../static")
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env("CONVNET")
+    app.config.update(config or {})
+    _normalise(app.config)
+
+    # Imported here rather than at the top: `convnet.serve.server` is a submodule, so importing it
+    # runs this file first, and it must set PROMETHEUS_MULTIPROC_DIR before prometheus_client is
+    # imported (the client picks its storage once, at import).
+    from convnet.serve import api, cors, ops, tfserving, v2, web
+    from convnet.serve.errors import register_error_handlers
+    from convnet.serve.holder import ModelHolder
+    from convnet.serve.metrics import ServeMetrics
+    from convnet.serve.uploads import InMemoryRequest, refuse_oversized_body
+
+    # app.logger is the "convnet.serve" logger, parent of every module logger here. Flask gives
+    # it a stderr handler unless logging is configured already (as gunicorn's `run` does).
+    if app.logger.level == logging.NOTSET:
+        app.logger.setLevel(logging.INFO)  # model loads and refusals are worth seeing by default
+
+    app.request_class = InMemoryRequest
+    metrics = ServeMetrics()
+    holder = ModelHolder(
+        app.config["MODEL_DIR"],
+        reload_interval=app.config["RELOAD_INTERVAL"],
+        inference_threads=app.config["INFERENCE_THREADS"],
+        on_load=metrics.model_loaded,
+        on_refuse=metrics.model_refused,
+    )
+    app.extensions["convnet.metrics"] = metrics
+    app.extensions["convnet.holder"] = holder
+    holder.load_initial()  # now, so the first request does not pay for it
+    holder.start()
+
+    ops.install_request_metrics(app)  # first, so the timer also covers refused requests
+    app.before_request(refuse_oversized_body)
+    register_error_handlers(app)
+    cors.install(app)
+    for module in (web, api, tfserving, v2, ops):
+        app.register_blueprint(module.bp)
+    return app

@@ -1,0 +1,75 @@
+"""The project's own JSON API: POST /api/v1/predict.
+
+Accepts one or many images as multipart `file` fields, one image as a raw `image/*` body, or JSON
+`{"instances": [{"b64": "..."}, ...]}`, and answers the top-k classes per image in request order:
+
+    curl -F file=@cat.jpg 'http://127.0.0.1:8000/api/v1/predict?top_k=3'
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, request
+
+from convnet.serve.decode import b64_to_bytes, check_count, decode_images
+from convnet.serve.errors import ApiError
+from convnet.serve.pipeline import get_model, infer, max_images, max_pixels
+from convnet.serve.postprocess import parse_top_k, predictions
+from convnet.serve.uploads import media_type, read_json_body
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+UPLOAD_FIELD = "file"
+
+
+def _multipart_blobs() -> list[bytes]:
+    # A browser submits an empty, nameless part when no file was chosen: that is "no image".
+    # (The parts are in memory already, bounded by MAX_CONTENT_LENGTH.)
+    blobs = [data for f in request.files.getlist(UPLOAD_FIELD) if (data := f.read()) or f.filename]
+    if not blobs:
+        raise ApiError(
+            f"no image in the form: send each image as a file field named {UPLOAD_FIELD!r}"
+        )
+    check_count(len(blobs), max_images())
+    return blobs
+
+
+def _json_blobs() -> list[bytes]:
+    instances = read_json_body(("application/json",)).get("instances")
+    if not isinstance(instances, list):
+        raise ApiError('expected {"instances": [{"b64": "<base64 image>"}, ...]}')
+    check_count(len(instances), max_images())
+    blobs = []
+    for i, item in enumerate(instances):
+        if not isinstance(item, dict) or "b64" not in item:
+            raise ApiError(f'instances[{i}]: expected an object {{"b64": "<base64 image>"}}')
+        blobs.append(b64_to_bytes(item["b64"], f"instances[{i}]"))
+    return blobs
+
+
+def request_blobs() -> list[bytes]:
+    """The encoded images in the request body, in order."""
+    kind = media_type()
+    if kind == "multipart/form-data":
+        return _multipart_blobs()
+    if kind.startswith("image/"):
+        return [request.get_data(cache=False)]
+    if kind == "application/json" or kind.endswith("+json"):
+        return _json_blobs()
+    raise ApiError(
+        f"unsupported content type {kind or '(none)'!r}: send multipart/form-data with "
+        "'file' fields, a raw image/* body, or application/json with instances",
+        415,
+    )
+
+
+@bp.post("/predict")
+def predict():
+    model = get_model()
+    k = parse_top_k(request.args.get("top_k"), model.num_classes)
+    pixels = decode_images(request_blobs(), max_pixels=max_pixels())  # (N, 32, 32, 3) uint8
+    probs = infer(model, pixels)
+    return {
+        "model": model.name,
+        "version": model.version,
+        "predictions": predictions(probs, model.labels, k),
+    }

@@ -1,0 +1,33 @@
+"""Cross-origin access, off unless CORS_ORIGINS lists origins (or "*").
+
+Flask already answers OPTIONS for every route; this only adds the headers a browser's preflight
+and the actual request need, and only for an allowed Origin.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, current_app, request
+
+ALLOWED_HEADERS = "Content-Type"
+PREFLIGHT_MAX_AGE = "600"  # seconds a browser may cache a preflight answer
+
+
+def _add_cors_headers(response):
+    origins = current_app.config["CORS_ORIGINS"]
+    origin = request.headers.get("Origin")
+    if not origins or not origin:
+        return response
+    response.vary.add("Origin")  # the answer depends on Origin, so caches must key on it
+    if "*" not in origins and origin not in origins:
+        return response
+    response.headers["Access-Control-Allow-Origin"] = origin
+    if request.method == "OPTIONS":
+        allowed = response.headers.get("Allow", "GET, POST, OPTIONS")
+        response.headers["Access-Control-Allow-Methods"] = allowed
+        response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
+        response.headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
+    return response
+
+
+def install(app: Flask) -> None:
+    app.after_request(_add_cors_headers)

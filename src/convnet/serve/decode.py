@@ -1,0 +1,101 @@
+"""Step 1 of serving: whatever a protocol carries -> uint8 (N, 32, 32, 3), or a 4xx saying why.
+
+Two kinds of input reach here: encoded images (multipart files, raw bodies, base64 strings), which
+all go through `convnet.imaging.decode_image`, and pixel tensors given as JSON numbers (TF Serving
+instances, V2 UINT8/FP32 tensors), which are checked for shape, type and range.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+
+import numpy as np
+
+from convnet.imaging import ImageError, decode_image
+from convnet.serve.errors import ApiError
+from convnet.serve.model import INPUT_SHAPE
+
+
+def check_count(count: int, cap: int) -> None:
+    if count == 0:
+        raise ApiError("no images in the request")
+    if count > cap:
+        raise ApiError(f"too many images: {count} in one request, the limit is {cap}")
+
+
+def b64_to_bytes(value, where: str) -> bytes:
+    """Strict base64 (standard or URL-safe alphabet, padding optional) -> bytes."""
+    if not isinstance(value, str):
+        raise ApiError(f"{where}: base64 data must be a string, not {type(value).__name__}")
+    text = "".join(value.split())  # line breaks, as MIME encoders insert, are harmless
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(f"{where}: invalid base64 data") from None
+
+
+def decode_images(blobs: Sequence[bytes], *, max_pixels: int) -> np.ndarray:
+    """Encoded images -> (N, 32, 32, 3) uint8. An error names the image by position (never by the
+    client's file name) and keeps imaging's status (413 for too many pixels)."""
+    pixels = np.empty((len(blobs), *INPUT_SHAPE), dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        try:
+            pixels[i] = decode_image(blob, max_pixels=max_pixels)
+        except ImageError as exc:
+            if len(blobs) == 1:
+                raise
+            raise ImageError(f"image {i + 1} of {len(blobs)}: {exc}", exc.status) from None
+    return pixels
+
+
+def pixels_from_numbers(
+    data, where: str, *, whole: bool = True, single: bool = False, shape: list | None = None
+) -> np.ndarray:
+    """Nested JSON numbers -> uint8 (N, 32, 32, 3); `single` takes one (32, 32, 3) image.
+
+    whole: insist on integers, as a uint8 tensor must hold; otherwise (FP32 input) values are
+    rounded to the nearest integer, since the model itself eats uint8.
+    shape: the declared shape of flat (or nested) `data`, as the V2 protocol sends it.
+    """
+    want = list(INPUT_SHAPE) if single else ["N", *INPUT_SHAPE]
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise ApiError(f"{where}: expected a nested list of numbers with shape {want}") from None
+    if array.dtype.kind not in "iuf":
+        raise ApiError(
+            f"{where}: expected numbers with shape {want}, got values of type "
+            f"{_kind_name(array)}"
+        )
+    if shape is not None:
+        if array.size != int(np.prod(shape)):
+            raise ApiError(
+                f"{where}: {array.size} values do not fill the declared shape {list(shape)}"
+            )
+        array = array.reshape(shape)
+    expected_ndim = 3 if single else 4
+    if array.ndim != expected_ndim or tuple(array.shape[-3:]) != INPUT_SHAPE:
+        raise ApiError(f"{where}: shape {list(array.shape)}, expected {want}")
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise ApiError(f"{where}: values must be finite numbers (found NaN or Infinity)")
+        if whole and not np.all(array == np.round(array)):
+            raise ApiError(f"{where}: pixel values must be whole numbers 0..255 (uint8)")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ApiError(
+            f"{where}: pixel values must be in 0..255, found {array.min():g}..{array.max():g}"
+        )
+    pixels = np.rint(array) if array.dtype.kind == "f" else array
+    pixels = pixels.astype(np.uint8)
+    return pixels[None] if single else pixels
+
+
+def _kind_name(array: np.ndarray) -> str:
+    return {"b": "boolean", "U": "string", "S": "string", "O": "mixed or out-of-range"}.get(
+        array.dtype.kind, str(array.dtype)
+    )

@@ -1,0 +1,177 @@
+"""The model currently served, and the background thread that swaps in newer versions.
+
+A model root (`ROOT/<version>/model.onnx`, TF Serving's layout) is polled every few seconds. A new,
+higher version is loaded completely and test-run next to the serving one, then swapped in by a
+single reference assignment: a request holds the `LoadedModel` it started with, so none fails or
+mixes versions during a swap. A version that cannot serve is refused with its reason (logged, kept
+for /readyz and /metrics) and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from convnet.modeldir import ModelDirError, bundled_model_root, list_versions, resolve_version
+from convnet.serve.model import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+Fingerprint = tuple[tuple[str, int, int], ...]  # (file name, size in bytes, mtime in ns) per file
+
+
+@dataclass(frozen=True)
+class Refusal:
+    version: int
+    reason: str
+    fingerprint: Fingerprint = field(repr=False)
+    at: float = field(default_factory=time.time)  # Unix seconds
+
+
+def fingerprint(version_dir: Path) -> Fingerprint:
+    """Cheap identity of a folder's contents: a version still being copied in changes it."""
+    try:
+        entries = [(e.name, e.stat()) for e in os.scandir(version_dir) if e.is_file()]
+    except OSError:
+        return ()
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in entries))
+
+
+class ModelHolder:
+    """Owns the served `LoadedModel`.
+
+    model_dir: a model root (versions are watched), one version folder (served as is, never
+    reloaded), or None for the bundled model's root.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None,
+        *,
+        reload_interval: float = 2.0,  # seconds between polls; 0 disables reloading
+        inference_threads: int = 1,
+        on_load: Callable[[LoadedModel], None] | None = None,
+        on_refuse: Callable[[Refusal], None] | None = None,
+    ):
+        self.model_dir = Path(model_dir) if model_dir is not None else bundled_model_root()
+        self.reload_interval = reload_interval
+        self.inference_threads = inference_threads
+        self._on_load = on_load or (lambda model: None)
+        self._on_refuse = on_refuse or (lambda refusal: None)
+        self._current: LoadedModel | None = None
+        self.load_error: str | None = None  # why nothing is served, while nothing is
+        # version -> why it is not served. Replaced, never mutated, so request threads can
+        # iterate it while the reload thread records a refusal.
+        self.refusals: dict[int, Refusal] = {}
+        self._pending: dict[int, Fingerprint] = {}  # versions seen once, waiting to settle
+        self._poll_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    @property
+    def watched_root(self) -> Path | None:
+        """The folder polled for new versions, or None when one version was pinned."""
+        try:
+            resolved = resolve_version(self.model_dir)
+        except ModelDirError:
+            return self.model_dir  # nothing there yet: wait for a first version to appear
+        return None if resolved == self.model_dir else self.model_dir
+
+    def load_initial(self) -> None:
+        """Load the highest version that works, refusing the broken ones above it."""
+        root = self.watched_root
+        if root is None:
+            self._try_load(self.model_dir)
+            return
+        for version in reversed(list_versions(root)):
+            if self._try_load(root / str(version)):
+                return
+        if self._current is None and self.load_error is None:
+            self.load_error = f"{root} holds no model version yet"
+
+    def _try_load(self, version_dir: Path, version_fingerprint: Fingerprint = ()) -> bool:
+        started = time.perf_counter()
+        try:
+            model = load_model(version_dir, inference_threads=self.inference_threads)
+        except ModelDirError as exc:
+            self._refuse(version_dir, str(exc), version_fingerprint or fingerprint(version_dir))
+            return False
+        previous = self._current
+        self._current = model  # the swap: one reference assignment, atomic under the GIL
+        self.load_error = None
+        log.info(
+            "serving %s version %d from %s (loaded in %.0f ms%s)",
+            model.name, model.version, version_dir, (time.perf_counter() - started) * 1000,
+            f", replacing version {previous.version}" if previous else "",
+        )
+        self._on_load(model)
+        return True
+
+    def _refuse(self, version_dir: Path, reason: str, version_fingerprint: Fingerprint) -> None:
+        version = int(version_dir.name) if version_dir.name.isdigit() else 0
+        refusal = Refusal(version, reason, version_fingerprint)
+        self.refusals = {**self.refusals, version: refusal}
+        if self._current is None:
+            self.load_error = reason
+        log.error(
+            "refused model version %d: %s%s", version, reason,
+            f" (still serving version {self._current.version})" if self._current else "",
+        )
+        self._on_refuse(refusal)
+
+    def poll(self) -> None:
+        """Check the root once; load the highest new version whose files have stopped changing.
+
+        A version is only loaded once two polls in a row see the same files, so a folder copied in
+        without an atomic rename is not read half-written. A refused version is retried only if
+        its files change.
+        """
+        root = self.watched_root
+        if root is None:
+            return
+        with self._poll_lock:
+            floor = self._current.version if self._current else 0
+            for version in reversed(list_versions(root)):
+                if version <= floor:
+                    break
+                version_dir = root / str(version)
+                seen = fingerprint(version_dir)
+                refused = self.refusals.get(version)
+                if refused and refused.fingerprint == seen:
+                    continue  # already refused as it is; consider older candidates
+                if self._pending.get(version) != seen:
+                    self._pending[version] = seen  # first sight or still changing: wait
+                    return
+                del self._pending[version]
+                if self._try_load(version_dir, seen):
+                    self.refusals = {v: r for v, r in self.refusals.items() if v != version}
+                    return
+
+    def start(self) -> None:
+        """Start the polling thread (idempotent; a no-op when reloading is disabled)."""
+        if self.reload_interval <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="convnet-model-reload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.reload_interval):
+            try:
+                self.poll()
+            except Exception:  # the thread must outlive any surprise, or reloading stops silently
+                log.exception("model reload poll failed")

@@ -1,0 +1,60 @@
+"""Step 2 of serving, shared by every blueprint: find the served model, run it, count it."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flask import current_app
+
+from convnet.serve.errors import ApiError
+from convnet.serve.holder import ModelHolder
+from convnet.serve.metrics import ServeMetrics
+from convnet.serve.model import LoadedModel
+
+
+def holder() -> ModelHolder:
+    return current_app.extensions["convnet.holder"]
+
+
+def metrics() -> ServeMetrics:
+    return current_app.extensions["convnet.metrics"]
+
+
+def get_model(name: str | None = None, version: int | None = None) -> LoadedModel:
+    """The model serving now; 404 if `name`/`version` ask for another, 503 while none loads.
+
+    Callers keep the returned object for the whole request: a hot swap meanwhile is harmless.
+    """
+    model = holder().current
+    if model is None:
+        raise ApiError(f"no model is loaded: {holder().load_error}", 503)
+    if name is not None and name != model.name:
+        raise ApiError(f"model {name!r} not found; this server serves {model.name!r}", 404)
+    if version is not None and version != model.version:
+        refusal = holder().refusals.get(version)
+        detail = f" (refused: {refusal.reason})" if refusal else ""
+        raise ApiError(
+            f"version {version} of model {model.name!r} is not served{detail}; "
+            f"the served version is {model.version}",
+            404,
+        )
+    return model
+
+
+def infer(model: LoadedModel, pixels: np.ndarray) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 -> (N, C) float32 probabilities."""
+    started = time.perf_counter()
+    probs = model.predict(pixels)
+    m = metrics()
+    m.inference_seconds.observe(time.perf_counter() - started)
+    m.batch_images.observe(len(pixels))
+    return probs
+
+
+def max_pixels() -> int:
+    return current_app.config["MAX_IMAGE_PIXELS"]
+
+
+def max_images() -> int:
+    return current_app.config["MAX_IMAGES_PER_REQUEST"]

@@ -1,0 +1,110 @@
+"""Run the server for real: gunicorn, `workers` processes with `threads` threads each.
+
+    from convnet.serve.server import run
+    run(model="runs/cifar10", port=8000)        # what `convnet serve` calls
+
+Each worker builds its own app (and ONNX Runtime session) after the fork; nothing is preloaded in
+the master, since threads and native sessions do not survive a fork. Prometheus samples from all
+workers meet in a temporary PROMETHEUS_MULTIPROC_DIR made here and removed on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+
+from gunicorn.app.base import BaseApplication
+
+from convnet.modeldir import model_name, resolve_version, version_number
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Gunicorn 24+ opens a control socket in ~/.gunicorn by default: shared by every server a user
+# starts (tests start several at once) and not needed by us.
+OPTIONAL_SETTINGS = {"control_socket_disable"}
+
+
+class _GunicornApp(BaseApplication):
+    def __init__(self, app_config: dict, options: dict):
+        self.app_config = app_config
+        self.options = options
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self.options.items():
+            if key in OPTIONAL_SETTINGS and key not in self.cfg.settings:
+                continue  # an older gunicorn without this feature
+            self.cfg.set(key, value)
+
+    def load(self):
+        from convnet.serve import create_app  # in the worker, after the fork
+
+        return create_app(self.app_config)
+
+
+def _forget_worker(server, worker) -> None:
+    """Gunicorn child_exit hook: drop a dead worker's live gauges from the shared samples."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def run(
+    model: str | os.PathLike | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 2,
+    threads: int = 4,  # per worker; requests in flight = workers x threads
+    *,
+    config: dict | None = None,  # more app settings, e.g. {"RELOAD_INTERVAL": 0}
+) -> None:
+    """Serve `model` (a model root, a version folder, or None for the bundled model) until
+    interrupted. Raises ModelDirError before starting anything if there is no model to serve."""
+    version_dir = resolve_version(model)  # fail here, once, with the reason
+    app_config = dict(config or {})
+    if model is not None:
+        app_config["MODEL_DIR"] = str(model)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s "
+                        "%(name)s: %(message)s")
+
+    name, version = model_name(version_dir), version_number(version_dir)
+
+    def announce(server) -> None:
+        bound_port = server.LISTENERS[0].sock.getsockname()[1]  # the real one when port=0
+        print(f"convnet: serving {name} version {version} at {_url(host, bound_port)}  "
+              "(Ctrl-C stops)", flush=True)
+
+    options = {
+        "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "workers": workers,
+        "threads": threads,
+        "worker_class": "gthread",
+        "timeout": 60,  # seconds a worker may stay silent before it is restarted
+        "graceful_timeout": 10,  # seconds to finish requests in flight on shutdown
+        "keepalive": 5,  # seconds an idle keep-alive connection stays open
+        "proc_name": "convnet-serve",
+        "when_ready": announce,
+        "child_exit": _forget_worker,
+        "control_socket_disable": True,
+    }
+    master = os.getpid()
+    previous = os.environ.get(MULTIPROC_ENV)
+    metrics_dir = tempfile.mkdtemp(prefix="convnet-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        _GunicornApp(app_config, options).run()
+    finally:
+        # Workers are forked inside run() and leave through here too; only the master cleans up.
+        if os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            if previous is None:
+                os.environ.pop(MULTIPROC_ENV, None)
+            else:
+                os.environ[MULTIPROC_ENV] = previous
+            print("convnet: stopped", file=sys.stderr, flush=True)

@@ -1,0 +1,79 @@
+"""Reading request bodies: in memory only, size-capped, JSON parsed with clear 400s.
+
+Nothing a client sends is written to disk: Werkzeug spools multipart files over 500 kB to a
+temporary file by default, and MAX_CONTENT_LENGTH (10 MB) already bounds what we hold in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from flask import Request, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from convnet.serve.errors import ApiError
+
+DRAIN_CHUNK = 64 * 1024  # bytes read at a time when discarding an oversized body
+DRAIN_FACTOR = 4  # discard up to this many times MAX_CONTENT_LENGTH before replying 413
+
+# Content types the JSON protocols accept. TF Serving reads the body as JSON whatever the header
+# says, and its own examples use `curl -d`, which sends x-www-form-urlencoded; refusing those
+# would break clients that work against TF Serving.
+JSON_COMPATIBLE_TYPES = ("", "application/json", "application/x-www-form-urlencoded", "text/plain")
+
+
+class InMemoryRequest(Request):
+    def _get_file_stream(self, total_content_length, content_type, filename=None,
+                         content_length=None):
+        return io.BytesIO()
+
+
+def refuse_oversized_body() -> None:
+    """before_request hook: answer 413 for a declared Content-Length over the limit.
+
+    The body is read and discarded first (up to DRAIN_FACTOR x the limit): a server that replies
+    and closes while the client is still sending makes the client see a connection reset instead
+    of the 413 and its message, and browsers report that as a bare network error.
+    """
+    length, limit = request.content_length, current_app.config["MAX_CONTENT_LENGTH"]
+    if length is None or limit is None or length <= limit:
+        return
+    stream = request.environ.get("wsgi.input")
+    remaining = min(length, DRAIN_FACTOR * limit)
+    while stream is not None and remaining > 0:
+        chunk = stream.read(min(DRAIN_CHUNK, remaining))
+        if not chunk:
+            break
+        remaining -= len(chunk)
+    raise RequestEntityTooLarge(
+        f"request body is {length} bytes, the limit is {limit} bytes "
+        f"({limit / 2**20:g} MiB)"
+    )
+
+
+def media_type() -> str:
+    """The Content-Type without parameters, lower case ('' when absent)."""
+    return (request.mimetype or "").lower()
+
+
+def read_json_body(accepted: tuple[str, ...] = JSON_COMPATIBLE_TYPES):
+    """Parse the body as JSON, or raise ApiError 415 (content type) / 400 (syntax)."""
+    kind = media_type()
+    if kind not in accepted and not kind.endswith("+json"):
+        raise ApiError(f"unsupported content type {kind!r}: send application/json", 415)
+    body = request.get_data(cache=False)
+    if not body:
+        raise ApiError("empty request body: expected a JSON object")
+    try:
+        # Python's parser accepts NaN and Infinity, as TF Serving's does; tensors reject them later.
+        payload = json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError("request body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError("malformed JSON: nested too deeply") from None
+    if not isinstance(payload, dict):
+        raise ApiError(f"the JSON body must be an object, not {type(payload).__name__}")
+    return payload

@@ -1,0 +1,158 @@
+"""KServe's Open Inference Protocol (V2), REST/JSON flavour.
+
+    GET  /v2, /v2/health/live, /v2/health/ready
+    GET  /v2/models/NAME[/versions/V], /v2/models/NAME[/versions/V]/ready
+    POST /v2/models/NAME[/versions/V]/infer
+
+One input tensor: UINT8 or FP32 [N, 32, 32, 3] pixels 0..255 (data flat row-major or nested), or
+BYTES [N] holding encoded images as base64 strings. One output: `probabilities` FP32 [N, C].
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flask import Blueprint
+
+from convnet import __version__
+from convnet.serve.decode import b64_to_bytes, check_count, decode_images, pixels_from_numbers
+from convnet.serve.errors import ApiError
+from convnet.serve.model import INPUT_SHAPE, OUTPUT_NAME, LoadedModel
+from convnet.serve.pipeline import get_model, holder, infer, max_images, max_pixels
+from convnet.serve.uploads import read_json_body
+
+bp = Blueprint("v2", __name__, url_prefix="/v2")
+
+PIXEL_DATATYPES = {"UINT8": True, "FP32": False}  # datatype -> values must be whole numbers
+
+
+def _version(version: str | None) -> int | None:
+    """V2 versions are strings; ours are integers, so anything else names no version we have."""
+    if version is None:
+        return None
+    if not version.isdigit():
+        raise ApiError(f"version {version!r} not found: versions are integers", 404)
+    return int(version)
+
+
+@bp.get("")
+def server_metadata():
+    return {"name": "convnet", "version": __version__, "extensions": []}
+
+
+@bp.get("/health/live")
+def live():
+    return {"live": True}
+
+
+@bp.get("/health/ready")
+def ready():
+    is_ready = holder().current is not None
+    return {"ready": is_ready}, 200 if is_ready else 503
+
+
+def _model_metadata(model: LoadedModel) -> dict:
+    return {
+        "name": model.name,
+        "versions": [str(model.version)],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": model.input_name, "datatype": "UINT8", "shape": [-1, *INPUT_SHAPE]}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, model.num_classes]}],
+    }
+
+
+@bp.get("/models/<name>")
+@bp.get("/models/<name>/versions/<version>")
+def model_metadata(name: str, version: str | None = None):
+    return _model_metadata(get_model(name, _version(version)))
+
+
+@bp.get("/models/<name>/ready")
+@bp.get("/models/<name>/versions/<version>/ready")
+def model_ready(name: str, version: str | None = None):
+    model = get_model(name, _version(version))
+    return {"name": model.name, "ready": True}
+
+
+def _shape(tensor: dict) -> list[int]:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ApiError("inputs[0].shape must be a list of non-negative integers")
+    return shape
+
+
+def _flatten(data) -> list:
+    """BYTES data may come nested ([[s], [s]]) or flat ([s, s])."""
+    if isinstance(data, list) and all(isinstance(x, list) for x in data):
+        return [x for row in data for x in _flatten(row)]
+    return data if isinstance(data, list) else [data]
+
+
+def _input_pixels(tensor) -> np.ndarray:
+    """One V2 input tensor -> (N, 32, 32, 3) uint8."""
+    if not isinstance(tensor, dict):
+        raise ApiError("inputs[0] must be an object with name, shape, datatype and data")
+    datatype = tensor.get("datatype")
+    shape = _shape(tensor)
+    if "data" not in tensor:
+        raise ApiError("inputs[0] has no data")
+    data = tensor["data"]
+    if datatype in PIXEL_DATATYPES:
+        if len(shape) != 4 or tuple(shape[1:]) != INPUT_SHAPE:
+            raise ApiError(f"inputs[0].shape is {shape}, expected [N, 32, 32, 3] for {datatype}")
+        check_count(shape[0], max_images())
+        return pixels_from_numbers(data, "inputs[0].data", whole=PIXEL_DATATYPES[datatype],
+                                   shape=shape)
+    if datatype == "BYTES":
+        if not shape or math.prod(shape[1:]) != 1:
+            raise ApiError(f"inputs[0].shape is {shape}, expected [N] or [N, 1] for BYTES")
+        check_count(shape[0], max_images())
+        items = _flatten(data)
+        if len(items) != shape[0]:
+            raise ApiError(f"inputs[0].data holds {len(items)} elements, shape says {shape[0]}")
+        blobs = [b64_to_bytes(item, f"inputs[0].data[{i}]") for i, item in enumerate(items)]
+        return decode_images(blobs, max_pixels=max_pixels())
+    raise ApiError(
+        f"inputs[0].datatype {datatype!r} is not supported: use UINT8 or FP32 pixels "
+        "[N, 32, 32, 3], or BYTES [N] with base64-encoded images"
+    )
+
+
+def _requested_outputs(payload: dict) -> None:
+    outputs = payload.get("outputs")
+    if outputs is None:
+        return
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise ApiError('"outputs" must be a list of objects like {"name": "probabilities"}')
+    for output in outputs:
+        if output.get("name") != OUTPUT_NAME:
+            raise ApiError(f"unknown output {output.get('name')!r}: the only one is "
+                           f"{OUTPUT_NAME!r}")
+
+
+@bp.post("/models/<name>/infer")
+@bp.post("/models/<name>/versions/<version>/infer")
+def infer_route(name: str, version: str | None = None):
+    model = get_model(name, _version(version))
+    payload = read_json_body()
+    request_id = payload.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ApiError('"id" must be a string')
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        raise ApiError('"inputs" must be a list holding exactly one tensor')
+    _requested_outputs(payload)
+    probs = infer(model, _input_pixels(inputs[0]))
+    response = {"model_name": model.name, "model_version": str(model.version)}
+    if request_id is not None:
+        response["id"] = request_id
+    response["outputs"] = [{
+        "name": OUTPUT_NAME,
+        "datatype": "FP32",
+        "shape": list(probs.shape),
+        "data": probs.ravel().tolist(),  # row-major, as the protocol specifies
+    }]
+    return response

@@ -1,0 +1,108 @@
+"""The web page: GET / shows the upload form and the model card; POST / is the same form without
+JavaScript, answered by the page with the results. With JavaScript, static/app.js takes over and
+calls /api/v1/predict per image instead (drag and drop, paste, previews, inline errors).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+
+import numpy as np
+from flask import Blueprint, current_app, render_template, request
+from PIL import Image
+from werkzeug.exceptions import HTTPException
+
+from convnet.imaging import ImageError, decode_image
+from convnet.serve.api import UPLOAD_FIELD
+from convnet.serve.decode import check_count
+from convnet.serve.errors import ApiError, describe
+from convnet.serve.pipeline import get_model, holder, infer, max_images, max_pixels
+from convnet.serve.postprocess import DEFAULT_TOP_K, top_k
+
+log = logging.getLogger(__name__)
+bp = Blueprint("web", __name__)
+
+MAX_SHOWN_NAME = 80  # characters of a client's file name echoed back (escaped by Jinja)
+# The page echoes file names: a strict policy keeps any markup that slipped through inert.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+
+
+def _page(results=None, error: str | None = None, status: int = 200):
+    model = holder().current
+    html = render_template(
+        "index.html",
+        model=model,
+        load_error=holder().load_error,
+        results=results or [],
+        error=error,
+        max_mb=current_app.config["MAX_CONTENT_LENGTH"] / 1024 / 1024,
+        max_images=max_images(),
+    )
+    status = 503 if model is None and status == 200 else status
+    return html, status, {"Content-Security-Policy": CONTENT_SECURITY_POLICY}
+
+
+def _thumbnail(pixels: np.ndarray) -> str:
+    """The 32x32 input the model saw, as a data: URL (no JavaScript, so no client-side preview)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _shown_name(name: str | None, position: int) -> str:
+    name = (name or "").strip() or f"image {position}"
+    return name if len(name) <= MAX_SHOWN_NAME else name[: MAX_SHOWN_NAME - 1] + "…"
+
+
+@bp.get("/")
+def index():
+    return _page()
+
+
+@bp.post("/")
+def classify_form():
+    model = get_model()
+    uploads = [(f.filename, data) for f in request.files.getlist(UPLOAD_FIELD)
+               if (data := f.read()) or f.filename]
+    if not uploads:
+        raise ApiError("choose one or more images first")
+    check_count(len(uploads), max_images())
+
+    results, good = [], []  # one result per upload, in order; `good` indexes the decodable ones
+    for i, (name, data) in enumerate(uploads):
+        result = {"name": _shown_name(name, i + 1)}
+        try:
+            result["pixels"] = decode_image(data, max_pixels=max_pixels())
+            good.append(i)
+        except ImageError as exc:
+            result["error"], result["status"] = str(exc), exc.status
+        results.append(result)
+
+    if good:
+        probs = infer(model, np.stack([results[i]["pixels"] for i in good]))
+        for i, row in zip(good, probs, strict=True):
+            results[i]["top_k"] = top_k(row, model.labels, min(DEFAULT_TOP_K, model.num_classes))
+            results[i]["thumbnail"] = _thumbnail(results[i].pop("pixels"))
+        return _page(results)
+    statuses = {r["status"] for r in results}  # all failed: 413 if all were too big, else 400
+    return _page(results, status=statuses.pop() if len(statuses) == 1 else 400)
+
+
+@bp.errorhandler(ApiError)
+@bp.errorhandler(ImageError)
+@bp.errorhandler(HTTPException)
+def page_error(exc):
+    message, status = describe(exc)
+    return _page(error=message, status=status)
+
+
+@bp.errorhandler(Exception)
+def page_crash(exc):
+    log.exception("unhandled error in the web page")
+    return _page(error="Something went wrong on the server. Please try again.", status=500)

@@ -1,0 +1,197 @@
+// Progressive enhancement of the upload form (the page works without this file).
+// Each image goes to the JSON API on its own, so one bad file shows its own error and the others
+// still get results. Text from the user or the server is only ever set with textContent.
+"use strict";
+
+(function () {
+  const PARALLEL = 3; // requests in flight at once: enough to hide latency, kind to the server
+
+  document.documentElement.classList.add("js");
+
+  function init() {
+    const form = document.getElementById("upload-form");
+    if (!form) return;
+    const input = document.getElementById("file-input");
+    const dropzone = document.getElementById("dropzone");
+    const results = document.getElementById("results");
+    const status = document.getElementById("status");
+    const submit = document.getElementById("submit-button");
+    const clear = document.getElementById("clear-button");
+    const emptyHint = document.querySelector(".empty-hint");
+    const api = form.dataset.api;
+    let inFlight = 0;
+
+    function setBusy(busy, message) {
+      form.setAttribute("aria-busy", busy ? "true" : "false");
+      submit.disabled = busy || input.disabled;
+      status.textContent = message;
+    }
+
+    function el(tag, className, text) {
+      const node = document.createElement(tag);
+      if (className) node.className = className;
+      if (text !== undefined) node.textContent = text;
+      return node;
+    }
+
+    function percent(p) {
+      return (p * 100).toFixed(1) + "%";
+    }
+
+    // One result card, filled in when the answer arrives.
+    function addCard(file) {
+      const card = el("li", "result pending");
+      const img = el("img", "preview original");
+      img.width = 96;
+      img.height = 96;
+      img.alt = "Preview of " + (file.name || "pasted image");
+      const url = URL.createObjectURL(file);
+      img.src = url;
+      img.addEventListener("error", () => img.replaceWith(el("div", "preview placeholder")));
+      const body = el("div", "result-body");
+      body.append(el("p", "filename", file.name || "pasted image"));
+      const state = el("p", "hint", "Classifying…");
+      body.append(state);
+      card.append(img, body);
+      results.prepend(card);
+      if (emptyHint) emptyHint.hidden = true;
+      return { card, body, state, url };
+    }
+
+    function showPrediction(view, prediction) {
+      view.state.remove();
+      const verdict = el("p", "verdict");
+      verdict.append(el("strong", "top-label", prediction.label),
+        el("span", "top-probability", percent(prediction.probability)));
+      const list = el("ol", "topk");
+      list.setAttribute("aria-label", "Top " + prediction.top_k.length + " classes");
+      for (const entry of prediction.top_k) {
+        const row = el("li");
+        const bar = el("span", "bar");
+        bar.setAttribute("aria-hidden", "true");
+        const fill = el("span", "fill");
+        fill.style.width = percent(entry.probability);
+        bar.append(fill);
+        row.append(el("span", "topk-label", entry.label), bar,
+          el("span", "topk-pct", percent(entry.probability)));
+        list.append(row);
+      }
+      view.body.append(verdict, list);
+      view.card.classList.remove("pending");
+    }
+
+    function showError(view, message) {
+      view.state.remove();
+      const error = el("p", "error", message);
+      error.setAttribute("role", "alert");
+      view.body.append(error);
+      view.card.classList.remove("pending");
+      view.card.classList.add("failed");
+    }
+
+    async function classifyOne(file) {
+      const view = addCard(file);
+      const body = new FormData();
+      body.append("file", file, file.name || "pasted.png");
+      try {
+        const response = await fetch(api, { method: "POST", body });
+        let payload = null;
+        try {
+          payload = await response.json();
+        } catch (_) {
+          payload = null;
+        }
+        if (!response.ok) {
+          const reason = payload && payload.error ? payload.error : response.statusText;
+          showError(view, "Not classified (" + response.status + "): " + reason);
+          return false;
+        }
+        showPrediction(view, payload.predictions[0]);
+        return true;
+      } catch (err) {
+        showError(view, "Could not reach the server: " + err.message);
+        return false;
+      }
+    }
+
+    async function classifyAll(fileList) {
+      const files = Array.from(fileList || []);
+      if (!files.length) return;
+      inFlight += files.length;
+      setBusy(true, "Classifying " + inFlight + (inFlight === 1 ? " image…" : " images…"));
+      let ok = 0;
+      let failed = 0;
+      const queue = files.slice();
+      async function worker() {
+        while (queue.length) {
+          const done = await classifyOne(queue.shift());
+          done ? ok++ : failed++;
+          inFlight--;
+        }
+      }
+      await Promise.all(Array.from({ length: Math.min(PARALLEL, files.length) }, worker));
+      const summary = ok + " classified" + (failed ? ", " + failed + " failed" : "") + ".";
+      setBusy(inFlight > 0, inFlight > 0 ? "Classifying " + inFlight + " more…" : summary);
+    }
+
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      classifyAll(input.files);
+    });
+    input.addEventListener("change", () => {
+      const files = Array.from(input.files);
+      input.value = ""; // picked files are sent now; the button then asks for new ones
+      classifyAll(files);
+    });
+
+    clear.addEventListener("click", () => {
+      for (const img of results.querySelectorAll("img.original")) URL.revokeObjectURL(img.src);
+      results.replaceChildren();
+      if (emptyHint) emptyHint.hidden = false;
+      status.textContent = "";
+      const pageError = document.getElementById("page-error");
+      if (pageError) pageError.remove();
+    });
+
+    // Drag and drop onto the drop zone.
+    for (const type of ["dragenter", "dragover"]) {
+      dropzone.addEventListener(type, (event) => {
+        event.preventDefault();
+        dropzone.classList.add("dragging");
+      });
+    }
+    for (const type of ["dragleave", "dragend"]) {
+      dropzone.addEventListener(type, () => dropzone.classList.remove("dragging"));
+    }
+    dropzone.addEventListener("drop", (event) => {
+      event.preventDefault();
+      dropzone.classList.remove("dragging");
+      if (!input.disabled) classifyAll(event.dataTransfer.files);
+    });
+
+    // Paste an image anywhere on the page (a screenshot, a copied picture).
+    document.addEventListener("paste", (event) => {
+      const data = event.clipboardData;
+      if (!data || input.disabled) return;
+      const files = Array.from(data.files || []);
+      if (!files.length) {
+        for (const item of data.items || []) {
+          if (item.kind === "file") {
+            const file = item.getAsFile();
+            if (file) files.push(file);
+          }
+        }
+      }
+      if (files.length) {
+        event.preventDefault();
+        classifyAll(files);
+      }
+    });
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", init);
+  } else {
+    init();
+  }
+})();

@@ -1,0 +1,329 @@
+"""Train a preset on a dataset and publish a new model version.
+
+    run = train(TrainConfig(preset="fast"), splits, out="runs/cifar10")
+
+The recipe follows airbench94 (Keller Jordan): a frozen 2x2 patch-whitening stem set from the
+data, BatchNorm biases learning 64x faster than the rest, Nesterov SGD with a triangular schedule,
+label smoothing, flip + translate augmentation, and flip + shift test-time augmentation.
+Works on any Keras 3 backend (TensorFlow by default, JAX on GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from convnet import augment, evaluate, export, modeldir, models
+from convnet.data import Split
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = ".checkpoint"  # inside the model root; hidden from version listing
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "fast"
+    epochs: int | None = None  # None: the preset's default (PRESET_EPOCHS)
+    batch_size: int = 1024
+    lr: float = 11.5  # per 1024 examples, airbench units (summed loss, coupled weight decay)
+    momentum: float = 0.85  # Nesterov
+    weight_decay: float = 0.0153  # per 1024 examples, airbench units
+    bias_lr_scale: float = 64.0  # BatchNorm biases learn this much faster
+    label_smoothing: float = 0.2
+    flip: bool = True
+    translate: int = 2  # pixels of random translation
+    warmup: float = 0.2  # fraction of steps to reach the peak learning rate
+    val_split: float = 0.0  # fraction of train held out for per-epoch validation
+    seed: int = 0
+    tta: bool = True  # evaluate the exported model with flip + shift views
+    data: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+PRESET_EPOCHS = {"fast": 10, "quick": 10, "tutorial": 20}
+# The tutorial net has no BatchNorm; it trains with plain Adam like the original.
+TUTORIAL_LR = 1e-3
+
+
+@keras.saving.register_keras_serializable(package="convnet")
+class TriangularSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """0.2 * peak -> peak over `warmup` of the steps, then linearly down to 0."""
+
+    def __init__(self, peak: float, total_steps: int, warmup: float = 0.2):
+        self.peak, self.total_steps, self.warmup = float(peak), int(total_steps), float(warmup)
+
+    def __call__(self, step):
+        t = keras.ops.cast(step, "float32") / max(self.total_steps, 1)
+        up = 0.2 + 0.8 * t / self.warmup
+        down = (1.0 - t) / (1.0 - self.warmup)
+        return self.peak * keras.ops.clip(keras.ops.minimum(up, down), 0.0, 1.0)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup": self.warmup}
+
+
+@keras.saving.register_keras_serializable(package="convnet")
+class AirbenchSGD(keras.optimizers.SGD):
+    """Nesterov SGD with coupled L2 decay and a faster learning rate for BatchNorm biases."""
+
+    def __init__(self, l2: float = 0.0, bias_lr_scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.l2, self.bias_lr_scale = float(l2), float(bias_lr_scale)
+
+    def update_step(self, gradient, variable, learning_rate):
+        scale = self.bias_lr_scale if variable.name == "beta" else 1.0
+        # Same absolute decay for every variable: the L2 term is divided by the lr scale.
+        gradient = gradient + (self.l2 / scale) * variable
+        super().update_step(gradient, variable, learning_rate * scale)
+
+    def get_config(self):
+        return {**super().get_config(), "l2": self.l2, "bias_lr_scale": self.bias_lr_scale}
+
+
+class Batches(keras.utils.PyDataset):
+    """Shuffled, augmented (uint8 images, one-hot labels) batches; reshuffled every epoch from
+    `seed + epoch`, so a resumed run sees the same data as an uninterrupted one."""
+
+    def __init__(self, split: Split, cfg: TrainConfig, num_classes: int, epoch: int = 0):
+        super().__init__()
+        self.split, self.cfg, self.num_classes = split, cfg, num_classes
+        self.epoch = epoch
+        self._shuffle()
+
+    def _shuffle(self):
+        self.rng = np.random.default_rng(self.cfg.seed * 1000 + self.epoch)
+        self.order = self.rng.permutation(len(self.split))
+
+    def __len__(self):
+        return len(self.split) // self.cfg.batch_size  # drop the ragged last batch
+
+    def __getitem__(self, i):
+        idx = self.order[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size]
+        x = augment.augment_batch(self.split.images[idx], self.rng, flip=self.cfg.flip,
+                                  translate=self.cfg.translate)
+        y = np.eye(self.num_classes, dtype="float32")[self.split.labels[idx]]
+        return x, y
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self._shuffle()
+
+
+def init_whitening(model: keras.Model, images: np.ndarray, eps: float = 5e-4) -> None:
+    """Set the frozen 2x2 stem to the eigenvectors of the covariance of 2x2 patches, scaled to
+    unit variance (and their negatives), as airbench does."""
+    layer = model.get_layer("whiten")
+    x = np.asarray(model.get_layer("normalise")(images[:5000].astype("float32")))
+    patches = np.stack([x[:, i : i + 31, j : j + 31, :] for i in (0, 1) for j in (0, 1)], axis=3)
+    patches = patches.reshape(-1, 12)  # (kh, kw, c) order matches a Keras kernel (2, 2, 3, out)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
+    filters = eigenvectors / np.sqrt(eigenvalues + eps)  # columns are filters
+    kernel = filters.reshape(2, 2, 3, 12)
+    kernel = np.concatenate([kernel, -kernel], axis=-1)[..., : layer.filters]
+    layer.set_weights([kernel.astype("float32"), np.zeros(layer.filters, "float32")])
+
+
+def compile_model(model: keras.Model, cfg: TrainConfig, steps: int) -> None:
+    if cfg.preset == "tutorial":
+        optimizer = keras.optimizers.Adam(TUTORIAL_LR)
+    else:
+        # airbench's units (summed loss over a batch) -> Keras's (mean loss): lr * batch size.
+        kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
+        lr = cfg.lr / kilostep * cfg.batch_size
+        l2 = cfg.weight_decay / cfg.lr
+        optimizer = AirbenchSGD(
+            learning_rate=TriangularSchedule(lr, steps, cfg.warmup), momentum=cfg.momentum,
+            nesterov=True, l2=l2, bias_lr_scale=cfg.bias_lr_scale,
+        )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                  label_smoothing=cfg.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+
+class TrainError(ValueError):
+    """A training request that cannot run, with the reason."""
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """After every epoch: model + optimizer state to last.keras and the epoch to state.json,
+    each through a temporary file and a rename, so a kill leaves the previous one intact."""
+
+    def __init__(self, directory: Path, cfg: TrainConfig):
+        super().__init__()
+        self.directory, self.cfg = directory, cfg
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / ".last.tmp.keras"
+        self.model.save(tmp)
+        os.replace(tmp, self.directory / "last.keras")
+        modeldir.write_json_atomic(self.directory / "state.json",
+                                   {"epochs_done": epoch + 1, "config": asdict(self.cfg)})
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    devices = []
+    try:
+        devices = [str(d) for d in keras.distribution.list_devices()]
+    except Exception:  # not every backend lists devices
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "devices": devices,
+            "platform": platform.platform()}
+
+
+def plot_curves(csv_path: Path, png_path: Path) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(csv_path.open()))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax in (("loss", ax1), ("accuracy", ax2)):
+        for prefix in ("", "val_"):
+            if rows[0].get(prefix + key, "NA") != "NA":
+                ax.plot(epochs, [float(r[prefix + key]) for r in rows], marker="o",
+                        label=(prefix or "train_") + key)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
+    if not fraction:
+        return train, None
+    if not 0 < fraction < 1:
+        raise TrainError(f"--val-split must be between 0 and 1, got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_val = max(1, int(len(train) * fraction))
+    val, rest = order[:n_val], order[n_val:]
+    return (Split(train.images[rest], train.labels[rest], train.classes),
+            Split(train.images[val], train.labels[val], train.classes))
+
+
+def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
+          test_split: Split | None = None, resume: bool = False,
+          tensorboard: str | None = None, verbose: int = 1) -> Path:
+    """Train, export and publish `out/<next version>/`; return that folder.
+
+    Raises KeyboardInterrupt after leaving a resumable checkpoint when interrupted."""
+    started = time.time()
+    keras.utils.set_random_seed(cfg.seed)
+    out = Path(out)
+    epochs = cfg.epochs or PRESET_EPOCHS.get(cfg.preset, 10)
+    classes = train_split.classes
+    fit_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
+    if len(fit_split) < cfg.batch_size:
+        raise TrainError(f"{len(fit_split)} training images is fewer than one batch of "
+                         f"{cfg.batch_size}; lower --batch-size")
+    batches = Batches(fit_split, cfg, len(classes))
+    steps = len(batches) * epochs
+    ckpt_dir = out / CHECKPOINT_DIR
+    initial_epoch = 0
+    if resume:
+        state_file = ckpt_dir / "state.json"
+        if not state_file.is_file():
+            raise TrainError(f"--resume: no checkpoint in {ckpt_dir}")
+        state = json.loads(state_file.read_text())
+        initial_epoch = state["epochs_done"]
+        model = keras.models.load_model(ckpt_dir / "last.keras")
+        batches.epoch = initial_epoch
+        batches._shuffle()
+        log.info("resuming from %s after epoch %d", ckpt_dir, initial_epoch)
+    else:
+        model = models.build(cfg.preset, len(classes))
+        if cfg.preset != "tutorial":
+            init_whitening(model, fit_split.images)
+        compile_model(model, cfg, steps)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    csv_log = ckpt_dir / "log.csv"
+    callbacks = [AtomicCheckpoint(ckpt_dir, cfg),
+                 keras.callbacks.CSVLogger(str(csv_log), append=resume)]
+    if tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(tensorboard, write_graph=True))
+    validation = None
+    if val_split is not None:
+        validation = (val_split.images, np.eye(len(classes), dtype="float32")[val_split.labels])
+
+    fit_started = time.time()
+    model.fit(batches, epochs=epochs, initial_epoch=initial_epoch, validation_data=validation,
+              callbacks=callbacks, verbose=verbose)
+    train_seconds = time.time() - fit_started
+    return publish(model, cfg, out, classes, epochs=epochs, test_split=test_split or val_split,
+                   train_seconds=train_seconds, started=started, csv_log=csv_log,
+                   num_train=len(fit_split))
+
+
+def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str], *, epochs: int,
+            test_split: Split | None, train_seconds: float, started: float, csv_log: Path,
+            num_train: int) -> Path:
+    """Export the trained model into a staging folder, evaluate it and rename it into place."""
+    served = models.with_softmax(model)
+    staged = modeldir.staging_dir(out)
+    try:
+        served.save(staged / modeldir.KERAS_FILE)
+        check = test_split.images[:64] if test_split is not None else None
+        onnx_diff = export.export_onnx(served, staged / modeldir.ONNX_FILE, check_images=check)
+        modeldir.write_json_atomic(staged / modeldir.LABELS_FILE, classes)
+        metrics = {
+            "preset": cfg.preset, "epochs": epochs, "backend": keras.backend.backend(),
+            "keras_version": keras.__version__, "train_seconds": round(train_seconds, 1),
+            "hardware": hardware(), "data": cfg.data, "num_train": num_train,
+            "params": int(model.count_params()), "flops_per_image": models.count_flops(model),
+            "onnx_max_abs_diff": onnx_diff,
+        }
+        if test_split is not None:
+            predictor = evaluate.load_predictor(staged)
+            report = evaluate.evaluate(predictor, test_split.images, test_split.labels,
+                                       tta=cfg.tta)
+            plain = (evaluate.evaluate(predictor, test_split.images, test_split.labels)
+                     if cfg.tta else report)
+            metrics.update(
+                accuracy=report["accuracy"], accuracy_no_tta=plain["accuracy"],
+                top5_accuracy=report["top5_accuracy"], tta=cfg.tta,
+                per_class_accuracy=report["per_class_accuracy"],
+                num_test=report["num_images"], confusion_matrix=report["confusion_matrix"],
+            )
+            evaluate.plot_confusion(report["confusion_matrix"], classes,
+                                    staged / "confusion.png")
+        if csv_log.is_file():
+            shutil.copy(csv_log, staged / "log.csv")
+            plot_curves(csv_log, staged / "curves.png")
+        metrics["total_seconds"] = round(time.time() - started, 1)
+        modeldir.write_json_atomic(staged / modeldir.METRICS_FILE, metrics)
+        modeldir.write_json_atomic(staged / modeldir.CONFIG_FILE, asdict(cfg))
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return modeldir.publish(out, staged)

@@ -1,0 +1,217 @@
+"""Shared fixtures: a tiny ONNX model in a TF Serving-style model root, the Flask app and client,
+and helpers to make images and to run the real (gunicorn) server in a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer",
+                  "dog", "frog", "horse", "ship", "truck"]
+# (3, 10): mean R, G, B (each 0..1) -> logits. Version 2 swaps the rows so predictions change.
+TINY_WEIGHTS = {
+    1: np.array([[6, 0, 0, 2, 0, 0, 0, 1, 0, 0],    # red images -> airplane
+                 [0, 6, 0, 0, 2, 0, 0, 0, 1, 0],    # green -> automobile
+                 [0, 0, 6, 0, 0, 2, 0, 0, 0, 1]],   # blue -> bird
+                dtype=np.float32),
+}
+TINY_WEIGHTS[2] = TINY_WEIGHTS[1][[2, 0, 1]]  # red -> bird, green -> airplane, blue -> automobile
+SERVER_START_TIMEOUT = 30  # seconds for gunicorn to boot and answer /readyz
+
+
+def build_tiny_onnx(weights: np.ndarray) -> bytes:
+    """uint8 (N, 32, 32, 3) -> Cast -> /255 -> ReduceMean over H, W -> MatMul (3, C) -> Softmax."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    num_classes = weights.shape[1]
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["as_float", "scale"], ["scaled"]),
+        helper.make_node("ReduceMean", ["scaled"], ["channel_mean"], axes=[1, 2], keepdims=0),
+        helper.make_node("MatMul", ["channel_mean", "weights"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 32, 32, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", num_classes])],
+        initializer=[
+            numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
+            numpy_helper.from_array(weights.astype(np.float32), "weights"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by every onnxruntime the project allows
+    return model.SerializeToString()
+
+
+def write_version(root: Path, version: int, *, weights=None, onnx_bytes: bytes | None = None,
+                  labels=None, metrics=None) -> Path:
+    """Write `root/<version>/` via a hidden staging folder and a rename, as the exporter does."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{version}"
+    staging.mkdir()
+    if onnx_bytes is None:
+        onnx_bytes = build_tiny_onnx(TINY_WEIGHTS[1] if weights is None else weights)
+    (staging / "model.onnx").write_bytes(onnx_bytes)
+    (staging / "labels.json").write_text(json.dumps(labels or CIFAR10_LABELS))
+    (staging / "metrics.json").write_text(json.dumps(
+        {"accuracy": 0.4321} if metrics is None else metrics))
+    target = root / str(version)
+    os.rename(staging, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    """A read-only model root `.../cifar10/1/`, built once per session."""
+    root = tmp_path_factory.mktemp("models") / "cifar10"
+    write_version(root, 1)
+    return root
+
+
+@pytest.fixture
+def fresh_root(tmp_path, model_root) -> Path:
+    """A writable copy of the model root, for tests that add versions."""
+    root = tmp_path / "cifar10"
+    shutil.copytree(model_root, root)
+    return root
+
+
+@pytest.fixture
+def app(model_root):
+    from convnet.serve import create_app
+
+    return create_app({"MODEL_DIR": str(model_root), "RELOAD_INTERVAL": 0, "TESTING": True})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def image_bytes(color=(255, 0, 0), size=(32, 32), fmt="PNG", **save_args) -> bytes:
+    """An encoded, solid-colour image."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def red_png() -> bytes:
+    return image_bytes((255, 0, 0))
+
+
+@pytest.fixture(scope="session")
+def green_jpeg() -> bytes:
+    return image_bytes((0, 255, 0), fmt="JPEG", quality=95)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers=None, timeout=10):
+    """(status, headers, body bytes) for one real HTTP request; errors are answers, not raises."""
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+class LiveServer:
+    """`convnet.serve.server.run` in a subprocess on a free port; stop() returns its output."""
+
+    def __init__(self, model: Path, logs: Path, *, workers=2, threads=4, python_flags=(),
+                 config=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        code = (
+            "from convnet.serve.server import run; "
+            f"run(model={str(model)!r}, port={self.port}, workers={workers}, "
+            f"threads={threads}, config={config!r})"
+        )
+        # Files, not pipes: a chatty server would block on a full pipe nobody reads yet.
+        logs.mkdir(parents=True, exist_ok=True)
+        self.stdout_path, self.stderr_path = logs / "stdout.txt", logs / "stderr.txt"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.process = subprocess.Popen([sys.executable, *python_flags, "-c", code],
+                                            stdout=out, stderr=err)
+        self.output: tuple[str, str] | None = None
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                out, err = self.stop()
+                raise RuntimeError(f"server exited early:\n{out}\n{err[-4000:]}")
+            with contextlib.suppress(OSError):
+                if http("GET", self.url + "/readyz", timeout=2)[0] == 200:
+                    return
+            time.sleep(0.2)
+        out, err = self.stop()
+        raise RuntimeError(f"server not ready after {SERVER_START_TIMEOUT} s:\n{err[-4000:]}")
+
+    def stop(self) -> tuple[str, str]:
+        """SIGINT (Ctrl-C), as a person would stop it; returns (stdout, stderr)."""
+        if self.output is None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.output = (self.stdout_path.read_text(errors="replace"),
+                           self.stderr_path.read_text(errors="replace"))
+        return self.output
+
+
+@pytest.fixture
+def live_server_factory(tmp_path):
+    """Start real servers; every one is stopped at the end of the test."""
+    servers: list[LiveServer] = []
+
+    def start(model: Path, **kwargs) -> LiveServer:
+        server = LiveServer(model, tmp_path / f"server-{len(servers)}", **kwargs)
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but carries no pixels: a decompression bomb's
+    calling card, refused from the header alone."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")

@@ -1,0 +1,88 @@
+"""Operations routes (health, readiness, metrics, OpenAPI) and configuration."""
+
+from __future__ import annotations
+
+import re
+
+from convnet.serve import DEFAULTS, create_app
+
+
+def test_healthz(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+def test_readyz(client, model_root):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["ready"] is True and body["refused"] == []
+    assert body["model"]["name"] == "cifar10" and body["model"]["version"] == 1
+    assert body["model"]["path"] == str(model_root / "1")
+
+
+def test_readyz_without_model(tmp_path):
+    client = create_app({"MODEL_DIR": str(tmp_path / "none"), "RELOAD_INTERVAL": 0}).test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["ready"] is False
+    assert "holds no model version yet" in response.get_json()["reason"]
+    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get("/healthz").status_code == 200
+
+
+def sample(text: str, name: str, **labels) -> float:
+    """The value of one Prometheus sample in exposition text."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+            if all(found.get(k) == str(v) for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    raise KeyError(f"{name} {labels} not in metrics")
+
+
+def test_metrics_count_requests_latency_and_batches(client, red_png):
+    for _ in range(3):
+        client.post("/api/v1/predict", data=red_png, content_type="image/png")
+    client.post("/api/v1/predict", data=b"junk", content_type="image/png")
+    client.post("/v2/models/cifar10/infer", json={"inputs": [{
+        "name": "x", "shape": [2, 32, 32, 3], "datatype": "UINT8", "data": [0] * 6144}]})
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    text = response.get_data(as_text=True)
+    route = "/api/v1/predict"
+    assert sample(text, "convnet_http_requests_total", route=route, status=200) == 3
+    assert sample(text, "convnet_http_requests_total", route=route, status=400) == 1
+    assert sample(text, "convnet_http_request_duration_seconds_count", route=route) == 4
+    assert sample(text, "convnet_inference_batch_images_count") == 4
+    assert sample(text, "convnet_inference_batch_images_bucket", le="1.0") == 3
+    assert sample(text, "convnet_inference_batch_images_sum") == 5
+    assert sample(text, "convnet_model_version") == 1
+    assert sample(text, "convnet_model_loads_total", result="loaded") == 1
+
+
+def test_openapi_describes_every_route(app, client):
+    spec = client.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.")
+    documented = {(path, method) for path, item in spec["paths"].items() for method in item}
+    served = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        served |= {(path, m.lower()) for m in rule.methods - {"HEAD", "OPTIONS"}}
+    assert documented == served
+    refs = set(re.findall(r'"#/components/schemas/(\w+)"', client.get("/openapi.json").text))
+    assert refs <= set(spec["components"]["schemas"])
+
+
+def test_settings_from_environment(model_root, monkeypatch):
+    monkeypatch.setenv("CONVNET_MODEL_DIR", str(model_root))
+    monkeypatch.setenv("CONVNET_MAX_IMAGES_PER_REQUEST", "7")
+    monkeypatch.setenv("CONVNET_RELOAD_INTERVAL", "0")
+    app = create_app({"MAX_CONTENT_LENGTH": 1234})
+    assert app.config["MODEL_DIR"] == str(model_root)
+    assert app.config["MAX_IMAGES_PER_REQUEST"] == 7
+    assert app.config["MAX_CONTENT_LENGTH"] == 1234  # the argument beats the environment
+    assert app.config["MAX_IMAGE_PIXELS"] == DEFAULTS["MAX_IMAGE_PIXELS"]
+    assert app.config["CORS_ORIGINS"] == []

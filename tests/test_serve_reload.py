@@ -1,0 +1,159 @@
+"""Model loading and hot reload: new versions swap in without failing a request; broken ones are
+refused with a reason while the old version keeps serving."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import TINY_WEIGHTS, build_tiny_onnx, write_version
+
+from convnet.modeldir import ModelDirError
+from convnet.serve import create_app
+from convnet.serve.holder import ModelHolder
+from convnet.serve.model import load_model
+
+
+def float_input_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "f",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32, 32, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 32, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+BROKEN_VERSIONS = {
+    # id: (write_version kwargs, words in the reason)
+    "garbage onnx": (dict(onnx_bytes=b"not a model"), "ONNX Runtime cannot load it"),
+    "fewer outputs than labels": (dict(weights=np.ones((3, 5), np.float32)), "output shape"),
+    "float input": (dict(onnx_bytes=float_input_model()), "expected tensor(uint8)"),
+    "labels not strings": (dict(labels=[1, 2, 3]), "labels.json"),
+    "metrics not an object": (dict(metrics=[1]), "metrics.json"),
+}
+
+
+@pytest.mark.parametrize("kwargs,words", BROKEN_VERSIONS.values(), ids=BROKEN_VERSIONS.keys())
+def test_load_model_refuses_with_a_reason(tmp_path, kwargs, words):
+    version_dir = write_version(tmp_path / "m", 1, **kwargs)
+    with pytest.raises(ModelDirError, match=re.escape(words)):
+        load_model(version_dir)
+
+
+def test_load_model_refuses_missing_softmax(tmp_path, monkeypatch):
+    version_dir = write_version(tmp_path / "m", 1)
+    model = load_model(version_dir)
+    monkeypatch.setattr(type(model), "predict", lambda self, pixels: np.full(
+        (len(pixels), 10), 2.0, np.float32))
+    with pytest.raises(ModelDirError, match="softmax"):
+        load_model(version_dir)
+
+
+def test_startup_skips_a_broken_newest_version(fresh_root):
+    write_version(fresh_root, 2, onnx_bytes=b"broken")
+    holder = ModelHolder(fresh_root, reload_interval=0)
+    holder.load_initial()
+    assert holder.current.version == 1
+    assert "cannot load" in holder.refusals[2].reason
+
+
+def test_a_pinned_version_folder_is_never_reloaded(fresh_root):
+    holder = ModelHolder(fresh_root / "1", reload_interval=0)
+    holder.load_initial()
+    write_version(fresh_root, 2)
+    holder.poll()
+    holder.poll()
+    assert holder.current.version == 1 and holder.watched_root is None
+
+
+def test_refused_version_is_retried_when_its_files_change(fresh_root):
+    holder = ModelHolder(fresh_root, reload_interval=0)
+    holder.load_initial()
+    version_dir = write_version(fresh_root, 2)
+    (version_dir / "labels.json").unlink()  # as if copied in without labels yet
+    holder.poll()  # first sight: wait for the folder to settle
+    assert holder.current.version == 1 and not holder.refusals
+    holder.poll()
+    assert "labels.json is missing" in holder.refusals[2].reason
+    holder.poll()
+    assert holder.current.version == 1  # not retried while unchanged
+    (version_dir / "labels.json").write_text('["a","b","c","d","e","f","g","h","i","j"]')
+    holder.poll()
+    holder.poll()
+    assert holder.current.version == 2 and not holder.refusals
+
+
+def test_a_first_version_appearing_later_is_served(tmp_path):
+    root = tmp_path / "late"
+    app = create_app({"MODEL_DIR": str(root), "RELOAD_INTERVAL": 0})
+    client, holder = app.test_client(), app.extensions["convnet.holder"]
+    assert client.get("/readyz").status_code == 503
+    write_version(root, 1)
+    holder.poll()
+    holder.poll()
+    assert client.get("/readyz").status_code == 200
+
+
+def wait_for(condition, timeout=10.0, step=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_hot_swap_under_load_and_broken_version_refused(fresh_root, red_png):
+    app = create_app({"MODEL_DIR": str(fresh_root), "RELOAD_INTERVAL": 0.05})
+    holder = app.extensions["convnet.holder"]
+    answers: list[tuple[int, int | None, str | None]] = []  # (status, version, label)
+    stop = threading.Event()
+
+    def hammer():
+        client = app.test_client()
+        while not stop.is_set():
+            response = client.post("/api/v1/predict", data=red_png, content_type="image/png")
+            body = response.get_json()
+            answers.append((response.status_code, body.get("version"),
+                            body.get("predictions", [{}])[0].get("label")))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_for(lambda: len(answers) > 20)
+        write_version(fresh_root, 2, weights=TINY_WEIGHTS[2], metrics={"accuracy": 0.9})
+        assert wait_for(lambda: answers[-1][1] == 2), "version 2 was never served"
+        (fresh_root / ".staging-abandoned").mkdir()  # hidden folders are never versions
+        write_version(fresh_root, 3, onnx_bytes=build_tiny_onnx(TINY_WEIGHTS[1])[:100])
+        assert wait_for(lambda: 3 in holder.refusals), "version 3 was never refused"
+        served_after_refusal = len(answers)
+        assert wait_for(lambda: len(answers) > served_after_refusal + 20)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        holder.stop()
+
+    assert {status for status, _, _ in answers} == {200}, "a request failed during a swap"
+    # Each version answers with its own weights: red is airplane in v1, bird in v2.
+    assert {(v, label) for _, v, label in answers} == {(1, "airplane"), (2, "bird")}
+    assert answers[-1][1] == 2
+    client = app.test_client()
+    readyz = client.get("/readyz").get_json()
+    assert readyz["ready"] and readyz["model"]["version"] == 2
+    (refusal,) = readyz["refused"]
+    assert refusal["version"] == 3 and "ONNX Runtime cannot load it" in refusal["reason"]
+    assert client.get("/").status_code == 200 and "90.0%" in client.get("/").text
+    metrics = client.get("/metrics").text
+    assert 'convnet_model_loads_total{result="refused"} 1.0' in metrics
+    assert "convnet_model_refused_version 3.0" in metrics
+    status = client.get("/v1/models/cifar10").get_json()["model_version_status"]
+    assert [(s["version"], s["state"]) for s in status] == [("2", "AVAILABLE"), ("3", "END")]
