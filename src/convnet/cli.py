@@ -86,12 +86,15 @@ def download(dest: Path, url: str | None) -> None:
               help="Test-time augmentation when scoring the exported model.")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
               help="Write TensorBoard logs (scalars and graph) here.")
+@click.option("--time-limit", type=click.FloatRange(0, min_open=True), default=None,
+              help="Stop at the last epoch that fits in this many seconds of training.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the model, parameters and FLOPs; exit.")
 @click.option("--no-cache", is_flag=True, help="Decode the dataset again, ignoring the cache.")
 @_fail_clearly
 def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_split,
-          label_smoothing, translate, no_flip, tta, tensorboard, resume, dry_run, no_cache):
+          label_smoothing, translate, no_flip, tta, tensorboard, time_limit, resume, dry_run,
+          no_cache):
     """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics)."""
     from convnet import data, models
     from convnet import train as training
@@ -114,7 +117,7 @@ def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_s
     cfg = training.TrainConfig(
         preset=preset, epochs=epochs, batch_size=batch_size, seed=seed, val_split=val_split,
         label_smoothing=label_smoothing, translate=translate, flip=not no_flip, tta=tta,
-        data=str(data_path),
+        data=str(data_path), time_limit=time_limit,
     )
     if lr is not None:
         cfg.lr = lr

@@ -39,7 +39,7 @@ CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
 CIFAR_META = "batches.meta"
 CACHE_FORMAT = 1  # bump when the decoded output of a loader changes
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+SPLITS = ("train", "test")
 
 
 class DataError(ValueError):
@@ -154,13 +154,9 @@ def load_cifar_batches(path: str | os.PathLike) -> dict[str, Split]:
 # --- image folders ------------------------------------------------------------------------------
 
 
-def _split_and_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
-    """('train', 'cat', 'x.jpg') -> ('train', 'cat'); ('cat', 'x.jpg') -> ('train', 'cat')."""
-    if len(parts) >= 3 and parts[-3] in ("train", "test"):
-        return parts[-3], parts[-2]
-    if len(parts) == 2:
-        return "train", parts[0]
-    return None
+def _split_of(class_dir: tuple[str, ...]) -> str:
+    """The split a class folder belongs to: its parent's name if train/test, else train."""
+    return class_dir[-2] if len(class_dir) >= 2 and class_dir[-2] in SPLITS else "train"
 
 
 def _iter_folder(root: Path):
@@ -186,43 +182,50 @@ def _iter_tar(path: Path):
 
 
 def load_image_folder(path: str | os.PathLike) -> dict[str, Split]:
-    """Image-folder dataset from a directory or a (compressed) tar archive."""
+    """Image-folder dataset from a directory or a (compressed) tar archive. A wrapping top
+    folder (`name/train/cat/1.jpg`) is fine: a class is the folder an image sits in."""
     path = Path(path)
     entries = _iter_folder(path) if path.is_dir() else _iter_tar(path)
-    found: dict[str, dict[str, list[np.ndarray]]] = {}
+    by_folder: dict[tuple[str, ...], list[np.ndarray]] = {}
+    folders: set[tuple[str, ...]] = set()
     skipped = 0
     for parts, read in entries:
-        if read is None:  # a directory: remember empty class folders too
-            folder = parts[:-1]
-            key = _split_and_class(folder + ("x",))
-            if folder in (("train",), ("test",)):
-                key = None
-            if key and not any(p.startswith(".") for p in folder):
-                found.setdefault(key[0], {}).setdefault(key[1], [])
+        if any(p.startswith(".") for p in parts if p):
+            continue  # hidden files and folders (.DS_Store, ._x.jpg)
+        if read is None:
+            folders.add(parts[:-1])
             continue
-        key = _split_and_class(parts)
-        if key is None or any(p.startswith(".") for p in parts):
-            continue
+        folder = parts[:-1]
+        if not folder or folder[-1] in SPLITS:
+            continue  # loose files outside any class folder
         try:
             image = decode_image(read())
         except ImageError as exc:
             skipped += 1
             log.warning("skipping %s/%s: %s", path, "/".join(parts), exc)
             continue
-        found.setdefault(key[0], {}).setdefault(key[1], []).append(image)
-    if not found:
-        raise DataError(f"{path}: no class folders found (expected train/<class>/<image> or "
-                        "<class>/<image>)")
+        by_folder.setdefault(folder, []).append(image)
     if skipped:
         log.warning("%s: skipped %d files that are not readable images", path, skipped)
+    # A folder with no images beside class folders that have some is an empty class.
+    containers = {f[:-1] for f in by_folder}
+    for f in folders:
+        if f and f[:-1] in containers and f[-1] not in SPLITS:
+            by_folder.setdefault(f, [])
+    if not any(by_folder.values()):
+        raise DataError(f"{path}: no images found in class folders (expected "
+                        "train/<class>/<image>, test/<class>/<image> or <class>/<image>)")
 
+    found: dict[str, dict[str, list[np.ndarray]]] = {}
+    for folder, images in by_folder.items():
+        found.setdefault(_split_of(folder), {}).setdefault(folder[-1], []).extend(images)
     classes = sorted(found.get("train", found.get("test", {})))
     splits = {}
-    for split, by_class in found.items():
+    for split, by_class in sorted(found.items(), key=lambda kv: kv[0] != "train"):
         unknown = sorted(set(by_class) - set(classes))
         if unknown:
             raise DataError(f"{path}: {split}/ has classes missing from train/: {unknown}")
-        empty = [c for c, imgs in by_class.items() if not imgs]
+        empty = sorted(c for c, imgs in by_class.items() if not imgs)
         if empty:
             raise DataError(f"{path}: empty class folder(s) in {split}/: {', '.join(empty)}")
         images = [img for c in classes for img in by_class.get(c, [])]

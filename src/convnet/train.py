@@ -16,7 +16,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = 0
     tta: bool = True  # evaluate the exported model with flip + shift views
     data: str = ""
-    extra: dict = field(default_factory=dict)
+    time_limit: float | None = None  # seconds of training; stop early at an epoch boundary
 
 
 PRESET_EPOCHS = {"fast": 10, "quick": 10, "tutorial": 20}
@@ -173,6 +173,26 @@ class AtomicCheckpoint(keras.callbacks.Callback):
                                    {"epochs_done": epoch + 1, "config": asdict(self.cfg)})
 
 
+class TimeLimit(keras.callbacks.Callback):
+    """Stop after the last epoch that can finish within `seconds` of training time (judged by
+    the previous epoch's duration): how the benchmark gives every preset the same budget."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def on_train_begin(self, logs=None):
+        self.started = self.epoch_started = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.time()
+        if now + (now - self.epoch_started) > self.started + self.seconds:
+            self.model.stop_training = True
+
+
 def hardware() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -234,7 +254,8 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 
 def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
           test_split: Split | None = None, resume: bool = False,
-          tensorboard: str | None = None, verbose: int = 1) -> Path:
+          tensorboard: str | None = None, verbose: int = 1,
+          callbacks: tuple = ()) -> Path:
     """Train, export and publish `out/<next version>/`; return that folder.
 
     Raises KeyboardInterrupt after leaving a resumable checkpoint when interrupted."""
@@ -269,7 +290,9 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     csv_log = ckpt_dir / "log.csv"
     callbacks = [AtomicCheckpoint(ckpt_dir, cfg),
-                 keras.callbacks.CSVLogger(str(csv_log), append=resume)]
+                 keras.callbacks.CSVLogger(str(csv_log), append=resume), *callbacks]
+    if cfg.time_limit:
+        callbacks.append(TimeLimit(cfg.time_limit))
     if tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(tensorboard, write_graph=True))
     validation = None
@@ -277,9 +300,10 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
         validation = (val_split.images, np.eye(len(classes), dtype="float32")[val_split.labels])
 
     fit_started = time.time()
-    model.fit(batches, epochs=epochs, initial_epoch=initial_epoch, validation_data=validation,
-              callbacks=callbacks, verbose=verbose)
+    history = model.fit(batches, epochs=epochs, initial_epoch=initial_epoch,
+                        validation_data=validation, callbacks=callbacks, verbose=verbose)
     train_seconds = time.time() - fit_started
+    epochs = initial_epoch + len(history.epoch)  # fewer than asked if the time limit struck
     return publish(model, cfg, out, classes, epochs=epochs, test_split=test_split or val_split,
                    train_seconds=train_seconds, started=started, csv_log=csv_log,
                    num_train=len(fit_split))

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+from convnet import models  # noqa: E402
+
+
+@pytest.mark.parametrize("preset", ["fast", "quick", "tutorial"])
+def test_build_takes_uint8_and_returns_logits(preset):
+    model = models.build(preset, 7)
+    assert model.input.dtype == "uint8"
+    x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert tuple(model(x, training=False).shape) == (2, 7)
+
+
+def test_fast_is_airbench_sized():
+    model = models.build("fast", 10)
+    assert 1.5e6 < model.count_params() < 2.5e6  # airbench94: about 2M parameters
+    assert models.count_flops(model) > 2e8  # forward FLOPs per image: 236 M
+
+
+def test_tutorial_layers_match_the_tutorial():
+    model = models.build("tutorial", 10)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [(c.kernel_size, c.filters) for c in convs] == [((5, 5), 4), ((7, 7), 3), ((5, 5), 2)]
+    assert all(not c.use_bias and c.padding == "valid" for c in convs)
+    pools = [layer for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D)]
+    assert all(p.strides == (1, 1) and p.pool_size == (2, 2) for p in pools)
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert [d.units for d in dense] == [200, 10] and not any(d.use_bias for d in dense)
+    assert any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
+    # 32 -conv5-> 28 -pool-> 27 -conv7-> 21 -pool-> 20 -conv5-> 16 -pool-> 15; 15*15*2 = 450
+    assert model.get_layer("flatten").output.shape[-1] == 450
+
+
+def test_with_softmax_gives_probabilities():
+    model = models.with_softmax(models.build("quick", 3))
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    probs = np.asarray(model(x, training=False))
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("preset, classes", [("nope", 10), ("fast", 1)])
+def test_bad_arguments(preset, classes):
+    with pytest.raises(ValueError):
+        models.build(preset, classes)
