@@ -34,8 +34,9 @@ TINY_WEIGHTS[2] = TINY_WEIGHTS[1][[2, 0, 1]]  # red -> bird, green -> airplane, 
 SERVER_START_TIMEOUT = 30  # seconds for gunicorn to boot and answer /readyz
 
 
-def build_tiny_onnx(weights: np.ndarray) -> bytes:
-    """uint8 (N, 32, 32, 3) -> Cast -> /255 -> ReduceMean over H, W -> MatMul (3, C) -> Softmax."""
+def build_tiny_onnx(weights: np.ndarray, batch: int | str = "N") -> bytes:
+    """uint8 (N, 32, 32, 3) -> Cast -> /255 -> ReduceMean over H, W -> MatMul (3, C) -> Softmax.
+    `batch`: the graph's first dimension, symbolic by default."""
     from onnx import TensorProto, helper, numpy_helper
 
     num_classes = weights.shape[1]
@@ -49,8 +50,8 @@ def build_tiny_onnx(weights: np.ndarray) -> bytes:
     graph = helper.make_graph(
         nodes,
         "tiny",
-        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 32, 32, 3])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", num_classes])],
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [batch, 32, 32, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, num_classes])],
         initializer=[
             numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
             numpy_helper.from_array(weights.astype(np.float32), "weights"),

@@ -56,12 +56,29 @@ def test_load_model_refuses_missing_softmax(tmp_path, monkeypatch):
         load_model(version_dir)
 
 
+def test_a_batch_of_one_graph_is_fed_image_by_image(tmp_path):
+    version_dir = write_version(tmp_path / "m", 1, onnx_bytes=build_tiny_onnx(TINY_WEIGHTS[1], 1))
+    model = load_model(version_dir)
+    assert model.fixed_batch
+    pixels = np.zeros((3, 32, 32, 3), np.uint8)
+    pixels[1, ..., 0] = 255
+    assert model.predict(pixels).argmax(axis=1).tolist()[1] == 0
+
+
 def test_startup_skips_a_broken_newest_version(fresh_root):
     write_version(fresh_root, 2, onnx_bytes=b"broken")
     holder = ModelHolder(fresh_root, reload_interval=0)
     holder.load_initial()
     assert holder.current.version == 1
     assert "cannot load" in holder.refusals[2].reason
+
+
+def test_unreadable_labels_are_refused_not_raised(fresh_root):
+    version_dir = write_version(fresh_root, 2)
+    (version_dir / "labels.json").write_bytes(b"\xff\xfe not utf-8 \xff")
+    holder = ModelHolder(fresh_root, reload_interval=0)
+    holder.load_initial()
+    assert holder.current.version == 1 and 2 in holder.refusals
 
 
 def test_a_pinned_version_folder_is_never_reloaded(fresh_root):

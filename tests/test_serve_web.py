@@ -32,9 +32,11 @@ def test_page_has_form_assets_and_model_card(client):
     assert "default-src 'self'" in response.headers["Content-Security-Policy"]
 
 
-def test_static_assets_are_served(client):
-    assert client.get("/static/app.js").status_code == 200
-    assert client.get("/static/style.css").status_code == 200
+@pytest.mark.parametrize("name,mimetype", [("app.js", "text/javascript"),
+                                           ("style.css", "text/css")])
+def test_static_assets_are_served(client, name, mimetype):
+    with client.get(f"/static/{name}") as response:
+        assert response.status_code == 200 and response.mimetype == mimetype
 
 
 def test_model_card_without_accuracy(tmp_path):

@@ -88,13 +88,16 @@ def download(dest: Path, url: str | None) -> None:
               help="Write TensorBoard logs (scalars and graph) here.")
 @click.option("--time-limit", type=click.FloatRange(0, min_open=True), default=None,
               help="Stop at the last epoch that fits in this many seconds of training.")
+@click.option("--data-parallel", is_flag=True,
+              help="Split each batch over all local devices (JAX DataParallel / "
+                   "TF MirroredStrategy).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the model, parameters and FLOPs; exit.")
 @click.option("--no-cache", is_flag=True, help="Decode the dataset again, ignoring the cache.")
 @_fail_clearly
 def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_split,
-          label_smoothing, translate, no_flip, tta, tensorboard, time_limit, resume, dry_run,
-          no_cache):
+          label_smoothing, translate, no_flip, tta, tensorboard, time_limit, data_parallel,
+          resume, dry_run, no_cache):
     """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics)."""
     from convnet import data, models
     from convnet import train as training
@@ -117,7 +120,7 @@ def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_s
     cfg = training.TrainConfig(
         preset=preset, epochs=epochs, batch_size=batch_size, seed=seed, val_split=val_split,
         label_smoothing=label_smoothing, translate=translate, flip=not no_flip, tta=tta,
-        data=str(data_path), time_limit=time_limit,
+        data=str(data_path), time_limit=time_limit, data_parallel=data_parallel,
     )
     if lr is not None:
         cfg.lr = lr
@@ -220,6 +223,7 @@ def predict(files, model_dir, top_k, as_json):
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=4, show_default=True)
+@_fail_clearly
 def serve(model_dir, host, port, workers, threads):
     """Serve the model over HTTP with gunicorn (web page, REST, TF Serving and V2 APIs)."""
     from convnet.serve.server import run

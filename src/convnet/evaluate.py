@@ -64,11 +64,16 @@ def load_predictor(model: str | os.PathLike | None = None, backend: str = "onnx"
 
         import convnet.models  # noqa: F401  registers the custom activation
 
-        model_obj = keras.models.load_model(path, compile=False)
-        run = lambda x: np.asarray(model_obj(x, training=False))  # noqa: E731
+        return keras_predictor(keras.models.load_model(path, compile=False), labels, vdir)
     else:
         raise ValueError(f"unknown backend {backend!r}: onnx or keras")
     return Predictor(vdir, labels, backend, run)
+
+
+def keras_predictor(model, labels: list[str], vdir: Path) -> Predictor:
+    """Wrap an in-memory Keras model (uint8 pixels -> probabilities)."""
+    return Predictor(Path(vdir), labels, "keras",
+                     lambda x: np.asarray(model(x, training=False)))
 
 
 def accuracy_report(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:

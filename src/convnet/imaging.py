@@ -16,7 +16,9 @@ Policy, in order:
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,6 +26,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 SIZE = 32  # model input side, pixels
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 MAX_PIXELS = 40_000_000  # default bomb limit: width * height from the header
+
+
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+ADAM7_PASSES = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+                (1, 0, 2, 2), (0, 1, 1, 2))  # interlaced PNG: (x0, y0, dx, dy) per pass
+INFLATE_STEP = 1 << 20  # bytes inflated at a time when checking a PNG: memory stays bounded
 
 
 class ImageError(ValueError):
@@ -45,6 +53,48 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _png_pixel_bytes(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
+    """Bytes the inflated IDAT stream must hold: one filter byte plus the packed pixels per row."""
+    def size(w: int, h: int) -> int:
+        return h * (1 + (w * bits_per_pixel + 7) // 8) if w and h else 0
+
+    if not interlaced:
+        return size(width, height)
+    return sum(size((width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy)
+               for x0, y0, dx, dy in ADAM7_PASSES)
+
+
+def _check_png_complete(data: bytes) -> None:
+    """Raise ImageError if a PNG's pixel stream stops before its last row.
+
+    Pillow decodes such a file without complaint and fills the missing rows with zeros, so a
+    truncated upload would be classified as if it were whole. Counting the inflated bytes costs
+    one more pass of zlib over the image.
+    """
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    bits_per_pixel = PNG_SAMPLES.get(colour, 4) * depth
+    expected = _png_pixel_bytes(width, height, bits_per_pixel, interlace == 1)
+    inflater, produced, pos = zlib.decompressobj(), 0, 8
+    try:
+        while pos + 8 <= len(data) and produced < expected:
+            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+            if kind == b"IDAT":
+                pending = data[pos + 8 : pos + 8 + length]
+                while pending and produced < expected:
+                    produced += len(inflater.decompress(pending, INFLATE_STEP))
+                    pending = inflater.unconsumed_tail
+            elif kind == b"IEND":
+                break
+            pos += 12 + length  # length, type, data, CRC
+    except zlib.error as exc:
+        raise ImageError(f"corrupt PNG image: {exc}") from None
+    if produced < expected:
+        raise ImageError(
+            f"corrupt or truncated PNG image: its pixel data ends early ({produced} of "
+            f"{expected} bytes)"
+        )
 
 
 def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, size: int = SIZE) -> np.ndarray:
@@ -86,8 +136,12 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, size: int = SIZE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
+            if img.format == "PNG":
+                _check_png_complete(data)
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
+    except ImageError:
+        raise
     except Exception as exc:  # truncated or corrupt pixel data
         raise ImageError(f"corrupt or truncated {img.format} image: {exc}") from None
 

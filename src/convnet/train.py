@@ -10,6 +10,7 @@ Works on any Keras 3 backend (TensorFlow by default, JAX on GPUs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ class TrainConfig:
     tta: bool = True  # evaluate the exported model with flip + shift views
     data: str = ""
     time_limit: float | None = None  # seconds of training; stop early at an epoch boundary
+    data_parallel: bool = False  # split each global batch over all local devices
 
 
 PRESET_EPOCHS = {"fast": 10, "quick": 10, "tutorial": 20}
@@ -240,6 +242,33 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     os.replace(tmp, png_path)
 
 
+@contextlib.contextmanager
+def data_parallel(enabled: bool):
+    """Replicate the model on every local device and split each global batch between them:
+    Keras's DataParallel distribution on JAX, MirroredStrategy on TensorFlow. Yields the
+    number of replicas (1 when disabled)."""
+    if not enabled:
+        yield 1
+        return
+    backend = keras.backend.backend()
+    if backend == "jax":
+        devices = keras.distribution.list_devices()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        try:
+            yield len(devices)
+        finally:
+            keras.distribution.set_distribution(None)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+        with strategy.scope():
+            yield strategy.num_replicas_in_sync
+    else:
+        raise TrainError(f"data-parallel training is not supported on the {backend} backend")
+
+
 def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
     if not fraction:
         return train, None
@@ -269,8 +298,26 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
         raise TrainError(f"{len(fit_split)} training images is fewer than one batch of "
                          f"{cfg.batch_size}; lower --batch-size")
     batches = Batches(fit_split, cfg, len(classes))
-    steps = len(batches) * epochs
     ckpt_dir = out / CHECKPOINT_DIR
+    with data_parallel(cfg.data_parallel) as replicas:
+        if replicas > 1 and cfg.batch_size % replicas:
+            raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over "
+                             f"{replicas} devices")
+        model, history, fit_started = _fit(
+            cfg, batches, val_split, epochs, ckpt_dir, resume=resume, tensorboard=tensorboard,
+            verbose=verbose, callbacks=callbacks)
+    train_seconds = time.time() - fit_started
+    epochs = history.epoch[-1] + 1 if history.epoch else epochs  # the time limit may cut it
+    return publish(model, cfg, out, classes, epochs=epochs, test_split=test_split or val_split,
+                   train_seconds=train_seconds, started=started, csv_log=ckpt_dir / "log.csv",
+                   num_train=len(fit_split), replicas=replicas)
+
+
+def _fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: int,
+         ckpt_dir: Path, *, resume: bool, tensorboard: str | None, verbose: int,
+         callbacks: tuple):
+    """Build (or restore) and fit the model; runs inside any distribution scope."""
+    classes = batches.split.classes
     initial_epoch = 0
     if resume:
         state_file = ckpt_dir / "state.json"
@@ -285,8 +332,8 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     else:
         model = models.build(cfg.preset, len(classes))
         if cfg.preset != "tutorial":
-            init_whitening(model, fit_split.images)
-        compile_model(model, cfg, steps)
+            init_whitening(model, batches.split.images)
+        compile_model(model, cfg, steps=len(batches) * epochs)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     csv_log = ckpt_dir / "log.csv"
     callbacks = [AtomicCheckpoint(ckpt_dir, cfg),
@@ -302,33 +349,36 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     fit_started = time.time()
     history = model.fit(batches, epochs=epochs, initial_epoch=initial_epoch,
                         validation_data=validation, callbacks=callbacks, verbose=verbose)
-    train_seconds = time.time() - fit_started
-    epochs = initial_epoch + len(history.epoch)  # fewer than asked if the time limit struck
-    return publish(model, cfg, out, classes, epochs=epochs, test_split=test_split or val_split,
-                   train_seconds=train_seconds, started=started, csv_log=csv_log,
-                   num_train=len(fit_split))
+    return model, history, fit_started
 
 
 def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str], *, epochs: int,
             test_split: Split | None, train_seconds: float, started: float, csv_log: Path,
-            num_train: int) -> Path:
+            num_train: int, replicas: int = 1) -> Path:
     """Export the trained model into a staging folder, evaluate it and rename it into place."""
     served = models.with_softmax(model)
     staged = modeldir.staging_dir(out)
     try:
         served.save(staged / modeldir.KERAS_FILE)
         check = test_split.images[:64] if test_split is not None else None
-        onnx_diff = export.export_onnx(served, staged / modeldir.ONNX_FILE, check_images=check)
+        if keras.backend.backend() == "tensorflow":
+            onnx_diff = export.export_onnx(served, staged / modeldir.ONNX_FILE,
+                                           check_images=check)
+            predictor = evaluate.load_predictor(staged)
+        else:  # tf2onnx needs TensorFlow: export later with `convnet export` where it is
+            log.warning("no ONNX export on the %s backend; run `convnet export --model %s` on "
+                        "a machine with TensorFlow", keras.backend.backend(), out)
+            onnx_diff = None
+            predictor = evaluate.keras_predictor(served, classes, staged)
         modeldir.write_json_atomic(staged / modeldir.LABELS_FILE, classes)
         metrics = {
             "preset": cfg.preset, "epochs": epochs, "backend": keras.backend.backend(),
             "keras_version": keras.__version__, "train_seconds": round(train_seconds, 1),
             "hardware": hardware(), "data": cfg.data, "num_train": num_train,
             "params": int(model.count_params()), "flops_per_image": models.count_flops(model),
-            "onnx_max_abs_diff": onnx_diff,
+            "onnx_max_abs_diff": onnx_diff, "replicas": replicas,
         }
         if test_split is not None:
-            predictor = evaluate.load_predictor(staged)
             report = evaluate.evaluate(predictor, test_split.images, test_split.labels,
                                        tta=cfg.tta)
             plain = (evaluate.evaluate(predictor, test_split.images, test_split.labels)

@@ -10,11 +10,13 @@ CONVNET_CORS_ORIGINS=https://a.example,https://b.example) and the `config` argum
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flask import Flask
 
 from convnet.imaging import MAX_PIXELS
 
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # src/convnet: templates/ and static/
 DEFAULTS = {
     "MODEL_DIR": None,  # a model root or one version folder; None = the bundled CIFAR-10 model
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,  # bytes per request body; more gets a 413
@@ -32,8 +34,8 @@ def _normalise(config) -> None:
     if isinstance(origins, str):
         origins = [o.strip() for o in origins.split(",")]
     config["CORS_ORIGINS"] = [o for o in origins or [] if o]
-    if config["MODEL_DIR"] == "":
-        config["MODEL_DIR"] = None
+    model_dir = config["MODEL_DIR"]  # CONVNET_MODEL_DIR=7 arrives as the JSON number 7
+    config["MODEL_DIR"] = str(model_dir) if model_dir not in (None, "") else None
     for key in ("MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS", "MAX_IMAGES_PER_REQUEST",
                 "INFERENCE_THREADS"):
         config[key] = int(config[key])
@@ -42,7 +44,8 @@ def _normalise(config) -> None:
 
 def create_app(config: dict | None = None) -> Flask:
     """Build the app and load the model (polling for new versions if RELOAD_INTERVAL > 0)."""
-    app = Flask(__name__, template_folder="../templates", static_folder="../static")
+    app = Flask(__name__, template_folder=str(PACKAGE_DIR / "templates"),
+                static_folder=str(PACKAGE_DIR / "static"))
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env("CONVNET")
     app.config.update(config or {})

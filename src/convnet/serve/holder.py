@@ -102,8 +102,9 @@ class ModelHolder:
         started = time.perf_counter()
         try:
             model = load_model(version_dir, inference_threads=self.inference_threads)
-        except ModelDirError as exc:
-            self._refuse(version_dir, str(exc), version_fingerprint or fingerprint(version_dir))
+        except Exception as exc:  # unreadable files, bad encodings...: all mean "do not serve"
+            reason = str(exc) if isinstance(exc, ModelDirError) else f"{version_dir}: {exc!r}"
+            self._refuse(version_dir, reason, version_fingerprint or fingerprint(version_dir))
             return False
         previous = self._current
         self._current = model  # the swap: one reference assignment, atomic under the GIL

@@ -93,6 +93,10 @@ def run(
         "child_exit": _forget_worker,
         "control_socket_disable": True,
     }
+    if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
+        logging.getLogger(__name__).warning(
+            "prometheus_client was imported before run(): it has already chosen single-process "
+            "storage, so /metrics will show only the answering worker's samples")
     master = os.getpid()
     previous = os.environ.get(MULTIPROC_ENV)
     metrics_dir = tempfile.mkdtemp(prefix="convnet-metrics-")
