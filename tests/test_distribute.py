@@ -16,6 +16,7 @@ pytest.importorskip("keras")
 
 SCRIPT = textwrap.dedent("""
     import json, sys
+    from pathlib import Path
     sys.path.insert(0, {tests!r})
     if {tf_devices}:
         import tensorflow as tf
@@ -27,16 +28,14 @@ SCRIPT = textwrap.dedent("""
     from convnet.data import load_dataset
     from convnet.train import TrainConfig, train
 
-    root = {root!r}
-    write_image_folder(root + "/src", per_class=40, num_classes=3)
-    splits = load_dataset(tar_folder(__import__("pathlib").Path(root + "/src"),
-                                     __import__("pathlib").Path(root + "/d.tar.gz"), "d"),
-                          cache=False)
+    root = Path({root!r})
+    write_image_folder(root / "src", per_class=40, num_classes=3)
+    splits = load_dataset(tar_folder(root / "src", root / "d.tar.gz", "d"), cache=False)
     results = {{}}
     for parallel in (False, True):
         cfg = TrainConfig(preset="quick", epochs=3, batch_size=32, tta=False,
                           data_parallel=parallel)
-        version = train(cfg, splits["train"], root + "/out", test_split=splits["test"],
+        version = train(cfg, splits["train"], root / "out", test_split=splits["test"],
                         verbose=0)
         m = json.loads((version / "metrics.json").read_text())
         results[str(parallel)] = [m["replicas"], m["accuracy"], str(version)]

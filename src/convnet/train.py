@@ -360,6 +360,7 @@ def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str],
     staged = modeldir.staging_dir(out)
     try:
         served.save(staged / modeldir.KERAS_FILE)
+        modeldir.write_json_atomic(staged / modeldir.LABELS_FILE, classes)
         check = test_split.images[:64] if test_split is not None else None
         if keras.backend.backend() == "tensorflow":
             onnx_diff = export.export_onnx(served, staged / modeldir.ONNX_FILE,
@@ -370,7 +371,6 @@ def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str],
                         "a machine with TensorFlow", keras.backend.backend(), out)
             onnx_diff = None
             predictor = evaluate.keras_predictor(served, classes, staged)
-        modeldir.write_json_atomic(staged / modeldir.LABELS_FILE, classes)
         metrics = {
             "preset": cfg.preset, "epochs": epochs, "backend": keras.backend.backend(),
             "keras_version": keras.__version__, "train_seconds": round(train_seconds, 1),
