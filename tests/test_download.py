@@ -224,3 +224,21 @@ def test_download_cifar10_uses_the_cifar_filename(server, tmp_path, sleeps):
     path = download_cifar10(tmp_path, url=server.url, md5=md5, progress=False, sleep=sleeps.append)
     assert path == tmp_path / CIFAR10_FILENAME
     assert path.read_bytes() == server.state.body
+
+
+def test_cli_download_and_checksum_failure(server, tmp_path):
+    from click.testing import CliRunner
+
+    from convnet.cli import main
+
+    good = hashlib.md5(server.state.body).hexdigest()
+    result = CliRunner().invoke(main, ["download", "--dest", str(tmp_path / "a"),
+                                       "--url", server.url, "--md5", good])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / "cifar-10-python.tar.gz").read_bytes() == server.state.body
+    # Without --md5 the official archive's checksum applies, which this file cannot match.
+    result = CliRunner().invoke(main, ["download", "--dest", str(tmp_path / "b"),
+                                       "--url", server.url])
+    assert result.exit_code == 2
+    assert "MD5" in result.output and "c58f30108f718f92721af3b95e74349a" in result.output
+    assert not list((tmp_path / "b").iterdir())

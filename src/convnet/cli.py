@@ -51,13 +51,15 @@ def main(verbose: bool) -> None:
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
               show_default=True, help="Folder to download into.")
 @click.option("--url", default=None, help="Mirror URL of cifar-10-python.tar.gz.")
+@click.option("--md5", default=None, help="Expected MD5. Default: the official archive's.")
 @_fail_clearly
-def download(dest: Path, url: str | None) -> None:
+def download(dest: Path, url: str | None, md5: str | None) -> None:
     """Fetch the official CIFAR-10 python tarball, MD5-verified, resuming if interrupted."""
     from convnet import download as dl
 
+    options = {k: v for k, v in (("url", url), ("md5", md5)) if v}
     try:
-        path = dl.download_cifar10(dest, **({"url": url} if url else {}))
+        path = dl.download_cifar10(dest, **options)
     except dl.DownloadError as exc:
         raise CliError(str(exc)) from None
     click.echo(path)
