@@ -59,10 +59,10 @@ def test_evaluate_json_matches_metrics(trained, dataset, tmp_path):
     assert png.is_file()
 
 
-def test_evaluate_keras_backend_agrees_with_onnx(trained, dataset):
-    runs = [json.loads(CliRunner().invoke(main, ["evaluate", "--model", str(trained), "--data",
-                                                 str(dataset), "--json", "--backend", b]).output)
-            for b in ("onnx", "keras")]
+def test_evaluate_keras_backend_agrees_with_onnx(trained, dataset, tmp_path):
+    runs = [json.loads(CliRunner().invoke(main, [
+        "evaluate", "--model", str(trained), "--data", str(dataset), "--json", "--backend", b,
+        "--confusion", str(tmp_path / f"{b}.png")]).output) for b in ("onnx", "keras")]
     assert runs[0]["accuracy"] == pytest.approx(runs[1]["accuracy"], abs=0.01)
 
 
