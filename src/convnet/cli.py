@@ -224,10 +224,17 @@ def predict(files, model_dir, top_k, as_json):
 @click.option("--host", default=os.environ.get("HOST", "127.0.0.1"), show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--batch-max-size", type=click.IntRange(1), default=None,
+              help="Images per inference call when concurrent requests are batched; 1 = off. "
+                   "[default: 64]")
+@click.option("--batch-delay-ms", type=click.FloatRange(0), default=None,
+              help="Milliseconds a forming batch may wait for requests being decoded. "
+                   "[default: 2]")
 @_fail_clearly
-def serve(model_dir, host, port, workers, threads):
+def serve(model_dir, host, port, workers, threads, batch_max_size, batch_delay_ms):
     """Serve the model over HTTP with gunicorn (web page, REST, TF Serving and V2 APIs)."""
     from convnet.serve.server import run
 
-    run(model=model_dir, host=host, port=port, workers=workers, threads=threads)
+    run(model=model_dir, host=host, port=port, workers=workers, threads=threads,
+        batch_max_size=batch_max_size, batch_delay_ms=batch_delay_ms)

@@ -21,9 +21,13 @@ DEFAULTS = {
     "MODEL_DIR": None,  # a model root or one version folder; None = the bundled CIFAR-10 model
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,  # bytes per request body; more gets a 413
     "MAX_IMAGE_PIXELS": MAX_PIXELS,  # width x height per image, read from the header; more: 413
-    "MAX_IMAGES_PER_REQUEST": 64,  # images per request (and per inference call)
+    "MAX_IMAGES_PER_REQUEST": 64,  # images per request
     "RELOAD_INTERVAL": 2.0,  # seconds between polls of the model root for new versions; 0 = off
     "INFERENCE_THREADS": 1,  # ONNX Runtime threads per worker; 0 = one per core
+    # Micro-batching (convnet.serve.batching): concurrent requests in a worker share inference
+    # calls of up to BATCH_MAX_SIZE images; 1 = off, each request runs alone.
+    "BATCH_MAX_SIZE": 64,  # images per inference call, at most
+    "BATCH_MAX_DELAY_MS": 2.0,  # ms a forming batch may wait for requests still being decoded
     "CORS_ORIGINS": [],  # origins allowed to call us from a browser; ["*"] = any; [] = CORS off
 }
 
@@ -37,9 +41,12 @@ def _normalise(config) -> None:
     model_dir = config["MODEL_DIR"]  # CONVNET_MODEL_DIR=7 arrives as the JSON number 7
     config["MODEL_DIR"] = str(model_dir) if model_dir not in (None, "") else None
     for key in ("MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS", "MAX_IMAGES_PER_REQUEST",
-                "INFERENCE_THREADS"):
+                "INFERENCE_THREADS", "BATCH_MAX_SIZE"):
         config[key] = int(config[key])
-    config["RELOAD_INTERVAL"] = float(config["RELOAD_INTERVAL"])
+    for key in ("RELOAD_INTERVAL", "BATCH_MAX_DELAY_MS"):
+        config[key] = float(config[key])
+    if config["BATCH_MAX_SIZE"] < 1 or config["BATCH_MAX_DELAY_MS"] < 0:
+        raise ValueError("BATCH_MAX_SIZE must be at least 1 and BATCH_MAX_DELAY_MS at least 0")
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -54,7 +61,8 @@ def create_app(config: dict | None = None) -> Flask:
     # Imported here rather than at the top: `convnet.serve.server` is a submodule, so importing it
     # runs this file first, and it must set PROMETHEUS_MULTIPROC_DIR before prometheus_client is
     # imported (the client picks its storage once, at import).
-    from convnet.serve import api, cors, ops, tfserving, v2, web
+    from convnet.serve import api, cors, ops, pipeline, tfserving, v2, web
+    from convnet.serve.batching import ModelBatchers
     from convnet.serve.errors import register_error_handlers
     from convnet.serve.holder import ModelHolder
     from convnet.serve.metrics import ServeMetrics
@@ -67,20 +75,32 @@ def create_app(config: dict | None = None) -> Flask:
 
     app.request_class = InMemoryRequest
     metrics = ServeMetrics()
+    batchers = ModelBatchers(
+        lambda model: pipeline.timed_predict(model, metrics),
+        max_batch_size=app.config["BATCH_MAX_SIZE"],
+        max_delay_s=app.config["BATCH_MAX_DELAY_MS"] / 1000,
+    )
+
+    def loaded(model) -> None:
+        batchers.use(model)
+        metrics.model_loaded(model)
+
     holder = ModelHolder(
         app.config["MODEL_DIR"],
         reload_interval=app.config["RELOAD_INTERVAL"],
         inference_threads=app.config["INFERENCE_THREADS"],
-        on_load=metrics.model_loaded,
+        on_load=loaded,
         on_refuse=metrics.model_refused,
     )
     app.extensions["convnet.metrics"] = metrics
     app.extensions["convnet.holder"] = holder
+    app.extensions["convnet.batchers"] = batchers
     holder.load_initial()  # now, so the first request does not pay for it
     holder.start()
 
     ops.install_request_metrics(app)  # first, so the timer also covers refused requests
     app.before_request(refuse_oversized_body)
+    app.teardown_request(pipeline.withdraw_arrival)
     register_error_handlers(app)
     cors.install(app)
     for module in (web, api, tfserving, v2, ops):

@@ -1,12 +1,18 @@
-"""Step 2 of serving, shared by every blueprint: find the served model, run it, count it."""
+"""Step 2 of serving, shared by every blueprint: find the served model, run it, count it.
+
+Inference goes through the worker's micro-batcher (convnet.serve.batching): `get_model` on a POST
+announces that an image is on its way, so a batch forming meanwhile may wait for it, and `infer`
+submits the decoded pixels and waits for this request's rows of the batched answer.
+"""
 
 from __future__ import annotations
 
 import time
 
 import numpy as np
-from flask import current_app
+from flask import current_app, g, request
 
+from convnet.serve.batching import ModelBatchers
 from convnet.serve.errors import ApiError
 from convnet.serve.holder import ModelHolder
 from convnet.serve.metrics import ServeMetrics
@@ -19,6 +25,10 @@ def holder() -> ModelHolder:
 
 def metrics() -> ServeMetrics:
     return current_app.extensions["convnet.metrics"]
+
+
+def batchers() -> ModelBatchers:
+    return current_app.extensions["convnet.batchers"]
 
 
 def get_model(name: str | None = None, version: int | None = None) -> LoadedModel:
@@ -39,17 +49,37 @@ def get_model(name: str | None = None, version: int | None = None) -> LoadedMode
             f"the served version is {model.version}",
             404,
         )
+    if request.method == "POST" and "convnet_arrival" not in g:
+        # Every POST route that asks for the model runs it, after decoding its images.
+        g.convnet_arrival = batchers().expect(model)
     return model
 
 
 def infer(model: LoadedModel, pixels: np.ndarray) -> np.ndarray:
-    """(N, 32, 32, 3) uint8 -> (N, C) float32 probabilities."""
-    started = time.perf_counter()
-    probs = model.predict(pixels)
-    m = metrics()
-    m.inference_seconds.observe(time.perf_counter() - started)
-    m.batch_images.observe(len(pixels))
-    return probs
+    """(N, 32, 32, 3) uint8 -> (N, C) float32 probabilities, computed in a batch shared with
+    the worker's concurrent requests for the same model."""
+    return batchers().run(model, pixels, g.pop("convnet_arrival", None))
+
+
+def withdraw_arrival(exc: BaseException | None = None) -> None:
+    """teardown_request: a request that announced an image but never ran it (e.g. it failed to
+    decode) must not keep a batch waiting."""
+    arrival = g.pop("convnet_arrival", None)
+    if arrival is not None:
+        arrival.withdraw()
+
+
+def timed_predict(model: LoadedModel, m: ServeMetrics):
+    """model.predict, recording the time and images of each call (each batch)."""
+
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        probs = model.predict(pixels)
+        m.inference_seconds.observe(time.perf_counter() - started)
+        m.batch_images.observe(len(pixels))
+        return probs
+
+    return predict
 
 
 def max_pixels() -> int:
