@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import http
@@ -50,7 +51,13 @@ def test_real_server_end_to_end(live_server_factory, model_root, red_png):
                      r'status="200"[^}]*\} (\S+)', text)
     assert line and float(line.group(1)) == REQUESTS
     assert "convnet_inference_batch_images_bucket" in text
-    assert len(re.findall(r"convnet_model_version\{pid=", text)) == 2  # one per live worker
+    # One model-version sample per live worker. The server is ready when its first worker
+    # answers; under load the second may still be booting, so give it a bounded while.
+    deadline = time.monotonic() + 30
+    while len(re.findall(r"convnet_model_version\{pid=", text)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        text = http("GET", url + "/metrics")[2].decode()
+    assert len(re.findall(r"convnet_model_version\{pid=", text)) == 2
 
     out, err = server.stop()
     assert server.process.returncode == 0, err[-3000:]
