@@ -39,7 +39,7 @@ test: $(VENV)/.full system-deps
 	$(BIN)/python -m pytest
 
 train: $(VENV)/.full
-	$(BIN)/convnet train --data $(DATA)/train.tar.gz --test-data $(DATA)/test.tar.gz --preset $(PRESET) --out $(OUT)
+	$(BIN)/convnet train --data $(DATA) --preset $(PRESET) --out $(OUT)
 
 lint: $(VENV)/.full
 	$(BIN)/ruff check src tests bench
