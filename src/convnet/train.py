@@ -67,6 +67,11 @@ class Batches(keras.utils.PyDataset):
         self.epoch = epoch
         self._shuffle()
 
+    def start_at(self, epoch: int) -> None:
+        """Continue a resumed run with the order and augmentation an uninterrupted run had."""
+        self.epoch = epoch
+        self._shuffle()
+
     def _shuffle(self):
         self.rng = np.random.default_rng(self.cfg.seed * 1000 + self.epoch)
         self.order = self.rng.permutation(len(self.split))
@@ -292,8 +297,7 @@ def _fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: in
         state = json.loads(state_file.read_text())
         initial_epoch = state["epochs_done"]
         model = keras.models.load_model(ckpt_dir / "last.keras")
-        batches.epoch = initial_epoch
-        batches._shuffle()
+        batches.start_at(initial_epoch)
         log.info("resuming from %s after epoch %d", ckpt_dir, initial_epoch)
     else:
         model = models.build(cfg.preset, len(classes))
