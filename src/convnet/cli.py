@@ -74,7 +74,8 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
               show_default=True, help="Model root; the run writes version max+1.")
 @click.option("--preset", type=click.Choice(["fast", "quick", "tutorial"]), default="fast",
               show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Default: the preset's.")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None,
+              help="Default: the preset's. Fractions (e.g. 9.9) need the device loop.")
 @click.option("--batch-size", type=click.IntRange(1), default=1024, show_default=True)
 @click.option("--lr", type=float, default=None, help="Peak learning rate, per 1024 examples.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -93,13 +94,21 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
 @click.option("--data-parallel", is_flag=True,
               help="Split each batch over all local devices (JAX DataParallel / "
                    "TF MirroredStrategy).")
+@click.option("--loop", type=click.Choice(["auto", "fit", "device"]), default="auto",
+              show_default=True,
+              help="device: the whole run compiled on the device (JAX backend; the fast path "
+                   "on GPUs); fit: Keras model.fit; auto: device where it can run.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]),
+              default="auto", show_default=True,
+              help="bfloat16: mixed precision. auto: bfloat16 for the device loop on an "
+                   "accelerator, else float32.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--dry-run", is_flag=True, help="Print the model, parameters and FLOPs; exit.")
 @click.option("--no-cache", is_flag=True, help="Decode the dataset again, ignoring the cache.")
 @_fail_clearly
 def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_split,
           label_smoothing, translate, no_flip, tta, tensorboard, time_limit, data_parallel,
-          resume, dry_run, no_cache):
+          loop, precision, resume, dry_run, no_cache):
     """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics)."""
     from convnet import data, models
     from convnet import train as training
@@ -123,6 +132,7 @@ def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_s
         preset=preset, epochs=epochs, batch_size=batch_size, seed=seed, val_split=val_split,
         label_smoothing=label_smoothing, translate=translate, flip=not no_flip, tta=tta,
         data=str(data_path), time_limit=time_limit, data_parallel=data_parallel,
+        loop=loop, precision=precision,
     )
     if lr is not None:
         cfg.lr = lr

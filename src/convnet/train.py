@@ -11,8 +11,10 @@ Works on any Keras 3 backend (TensorFlow by default, JAX on GPUs).
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -34,7 +36,7 @@ CHECKPOINT_DIR = ".checkpoint"  # inside the model root; hidden from version lis
 @dataclass
 class TrainConfig:
     preset: str = "fast"
-    epochs: int | None = None  # None: the preset's default (PRESET_EPOCHS)
+    epochs: float | None = None  # None: the preset's default; fractions need the device loop
     batch_size: int = 1024
     lr: float = 11.5  # per 1024 examples, airbench units (summed loss, coupled weight decay)
     momentum: float = 0.85  # Nesterov
@@ -50,9 +52,14 @@ class TrainConfig:
     data: str = ""
     time_limit: float | None = None  # seconds of training; stop early at an epoch boundary
     data_parallel: bool = False  # split each global batch over all local devices
+    loop: str = "auto"  # "fit" (model.fit), "device" (JAX, whole run on the device) or "auto"
+    precision: str = "auto"  # "float32", "bfloat16" (mixed) or "auto" (bfloat16 on accelerators)
 
 
 PRESET_EPOCHS = {"fast": 10, "quick": 10, "tutorial": 20}
+# The device loop (JAX on a GPU) is fast enough that 12 epochs still beat airbench94's time
+# there (bench/gpu_train.py): more epochs, more accuracy.
+DEVICE_EPOCHS = {"fast": 12, "quick": 12}
 # The tutorial net has no BatchNorm; it trains with plain Adam like the original.
 TUTORIAL_LR = 1e-3
 
@@ -252,6 +259,30 @@ def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
             Split(train.images[val], train.labels[val], train.classes))
 
 
+LOOPS = ("auto", "fit", "device")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def choose_loop(cfg: TrainConfig, *, resume: bool = False, tensorboard: str | None = None) -> str:
+    """"device" where it can run (JAX, an airbench preset, none of the options it lacks),
+    else "fit"; an explicit "device" that cannot run is an error naming what stops it."""
+    if cfg.loop not in LOOPS:
+        raise TrainError(f"unknown loop {cfg.loop!r}: choose one of {', '.join(LOOPS)}")
+    if cfg.loop == "fit":
+        return "fit"
+    backend = keras.backend.backend()
+    blockers = [what for what, present in (
+        (f"the {backend} backend (it needs jax)", backend != "jax"),
+        (f"the {cfg.preset} preset", cfg.preset not in models.PRESETS),
+        ("--data-parallel", cfg.data_parallel), ("--resume", resume),
+        ("--tensorboard", tensorboard), ("--val-split", cfg.val_split)) if present]
+    if not blockers:
+        return "device"
+    if cfg.loop == "device":
+        raise TrainError("--loop device does not work with " + ", ".join(blockers))
+    return "fit"
+
+
 def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
           test_split: Split | None = None, resume: bool = False,
           tensorboard: str | None = None, verbose: int = 1,
@@ -262,14 +293,26 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     started = time.time()
     keras.utils.set_random_seed(cfg.seed)
     out = Path(out)
-    epochs = cfg.epochs or PRESET_EPOCHS.get(cfg.preset, 10)
     classes = train_split.classes
     fit_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
     if len(fit_split) < cfg.batch_size:
         raise TrainError(f"{len(fit_split)} training images is fewer than one batch of "
                          f"{cfg.batch_size}; lower --batch-size")
-    batches = Batches(fit_split, cfg, len(classes))
+    if cfg.precision not in PRECISIONS:
+        raise TrainError(f"unknown precision {cfg.precision!r}: choose one of "
+                         f"{', '.join(PRECISIONS)}")
     ckpt_dir = out / CHECKPOINT_DIR
+    loop = choose_loop(cfg, resume=resume, tensorboard=tensorboard)
+    epochs = cfg.epochs or (DEVICE_EPOCHS if loop == "device" else PRESET_EPOCHS)[cfg.preset]
+    if loop == "device":
+        model, seconds, epochs = _device_fit(cfg, fit_split, epochs, ckpt_dir, verbose)
+        return publish(model, cfg, out, classes, epochs=epochs, test_split=test_split,
+                       train_seconds=seconds, started=started, csv_log=ckpt_dir / "log.csv",
+                       num_train=len(fit_split))
+    if epochs != int(epochs):
+        raise TrainError(f"--epochs {epochs}: fractional epochs need the device loop (JAX)")
+    epochs = int(epochs)
+    batches = Batches(fit_split, cfg, len(classes))
     with data_parallel(cfg.data_parallel) as replicas:
         if replicas > 1 and cfg.batch_size % replicas:
             raise TrainError(f"--batch-size {cfg.batch_size} does not split evenly over "
@@ -282,6 +325,63 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     return publish(model, cfg, out, classes, epochs=epochs, test_split=test_split or val_split,
                    train_seconds=train_seconds, started=started, csv_log=ckpt_dir / "log.csv",
                    num_train=len(fit_split), replicas=replicas)
+
+
+def _device_fit(cfg: TrainConfig, split: Split, epochs: float, ckpt_dir: Path, verbose: int):
+    """Train with device_loop; returns (float32 Keras model, training seconds, epochs run)."""
+    from convnet import device_loop
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = device_loop.default_precision()
+    trainer = device_loop.trainer(cfg.preset, len(split.classes), cfg.batch_size, len(split),
+                                  precision)
+    recipe = device_loop.Recipe(
+        epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, bias_lr_scale=cfg.bias_lr_scale,
+        label_smoothing=cfg.label_smoothing, flip=cfg.flip, translate=cfg.translate,
+        seed=cfg.seed)
+    total = math.ceil(epochs)
+
+    def progress(epoch, loss):
+        print(f"epoch {epoch + 1}/{total}  loss {loss:.4f}", flush=True)
+
+    log.info("device loop: %s, %s, %d images", jax_devices(), precision, len(split))
+    result = trainer.run(split.images, split.labels, recipe=recipe, time_limit=cfg.time_limit,
+                         on_epoch=progress if verbose else None)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    with open(ckpt_dir / "log.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", "accuracy", "loss"])
+        writer.writeheader()
+        writer.writerows(result.history)
+    return result.to_keras(), result.seconds, round(result.epochs, 3)
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Layers built inside use this Keras dtype policy ("mixed_bfloat16": bf16 compute,
+    float32 weights)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def as_float32(model: keras.Model, preset: str) -> keras.Model:
+    """The same weights in a float32 model: what is saved and exported, whatever trained."""
+    if model.dtype_policy.name == "float32":
+        return model
+    clone = models.build(preset, model.output.shape[-1])
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def jax_devices() -> str:
+    import jax
+
+    return ", ".join(str(d) for d in jax.devices())
 
 
 def _fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: int,
@@ -300,7 +400,8 @@ def _fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: in
         batches.start_at(initial_epoch)
         log.info("resuming from %s after epoch %d", ckpt_dir, initial_epoch)
     else:
-        model = models.build(cfg.preset, len(classes))
+        with dtype_policy("mixed_bfloat16" if cfg.precision == "bfloat16" else "float32"):
+            model = models.build(cfg.preset, len(classes))
         if cfg.preset != "tutorial":
             init_whitening(model, batches.split.images)
         compile_model(model, cfg, steps=len(batches) * epochs)
@@ -326,6 +427,7 @@ def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str],
             test_split: Split | None, train_seconds: float, started: float, csv_log: Path,
             num_train: int, replicas: int = 1) -> Path:
     """Export the trained model into a staging folder, evaluate it and rename it into place."""
+    model = as_float32(model, cfg.preset)
     served = models.with_softmax(model)
     staged = modeldir.staging_dir(out)
     try:
