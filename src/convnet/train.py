@@ -45,7 +45,9 @@ class TrainConfig:
     label_smoothing: float = 0.2
     flip: bool = True
     translate: int = 2  # pixels of random translation
-    warmup: float = 0.2  # fraction of steps to reach the peak learning rate
+    warmup: float = 0.23  # fraction of steps to reach the peak learning rate
+    lr_start: float = 0.2  # learning rate at the first step, as a fraction of the peak
+    lr_end: float = 0.07  # and at the last
     val_split: float = 0.0  # fraction of train held out for per-epoch validation
     seed: int = 0
     tta: bool = True  # evaluate the exported model with flip + shift views
@@ -56,7 +58,7 @@ class TrainConfig:
     precision: str = "auto"  # "float32", "bfloat16" (mixed) or "auto" (bfloat16 on accelerators)
 
 
-PRESET_EPOCHS = {"fast": 10, "quick": 10, "tutorial": 20}
+PRESET_EPOCHS = {"fast": 8, "quick": 6, "tutorial": 20}
 # The device loop (JAX on a GPU) is fast enough that 12 epochs still beat airbench94's time
 # there (bench/gpu_train.py): more epochs, more accuracy.
 DEVICE_EPOCHS = {"fast": 12, "quick": 12}
@@ -65,12 +67,19 @@ TUTORIAL_LR = 1e-3
 
 
 class Batches(keras.utils.PyDataset):
-    """Shuffled, augmented (uint8 images, one-hot labels) batches; reshuffled every epoch from
-    `seed + epoch`, so a resumed run sees the same data as an uninterrupted one."""
+    """Shuffled, augmented (uint8 images, one-hot labels) batches, as airbench augments: a
+    random half of the images mirrored once, then every epoch a fresh random translation and,
+    on odd epochs, every image mirrored. Each epoch's order and shifts come from
+    `seed + epoch`, so a resumed run sees the same data as an uninterrupted one. The epoch's
+    images are augmented in one vectorised pass the first time a batch is asked for."""
 
     def __init__(self, split: Split, cfg: TrainConfig, num_classes: int, epoch: int = 0):
         super().__init__()
         self.split, self.cfg, self.num_classes = split, cfg, num_classes
+        self.base = split.images
+        if cfg.flip:
+            rng = np.random.default_rng([cfg.seed, 1])  # apart from the per-epoch streams
+            self.base = augment.random_flip(split.images, rng)
         self.epoch = epoch
         self._shuffle()
 
@@ -82,14 +91,20 @@ class Batches(keras.utils.PyDataset):
     def _shuffle(self):
         self.rng = np.random.default_rng(self.cfg.seed * 1000 + self.epoch)
         self.order = self.rng.permutation(len(self.split))
+        self.images = None
+
+    def _epoch_images(self) -> np.ndarray:
+        if self.images is None:
+            images = augment.random_translate(self.base, self.cfg.translate, self.rng)
+            self.images = images[:, :, ::-1] if self.cfg.flip and self.epoch % 2 else images
+        return self.images
 
     def __len__(self):
         return len(self.split) // self.cfg.batch_size  # drop the ragged last batch
 
     def __getitem__(self, i):
         idx = self.order[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size]
-        x = augment.augment_batch(self.split.images[idx], self.rng, flip=self.cfg.flip,
-                                  translate=self.cfg.translate)
+        x = self._epoch_images()[idx]
         y = np.eye(self.num_classes, dtype="float32")[self.split.labels[idx]]
         return x, y
 
@@ -99,17 +114,80 @@ class Batches(keras.utils.PyDataset):
 
 
 def init_whitening(model: keras.Model, images: np.ndarray, eps: float = 5e-4) -> None:
-    """Set the frozen 2x2 stem to the eigenvectors of the covariance of 2x2 patches, scaled to
-    unit variance (and their negatives), as airbench does."""
+    """Set the 2x2 stem to the eigenvectors of the (uncentred) second moments of 2x2 patches,
+    scaled to unit variance, and their negatives, as airbench does; bias zero."""
     layer = model.get_layer("whiten")
-    x = np.asarray(model.get_layer("normalise")(images[:5000].astype("float32")))
+    x = np.asarray(model.get_layer("normalise")(images[:5000].astype("float32")), "float32")
     patches = np.stack([x[:, i : i + 31, j : j + 31, :] for i in (0, 1) for j in (0, 1)], axis=3)
     patches = patches.reshape(-1, 12)  # (kh, kw, c) order matches a Keras kernel (2, 2, 3, out)
-    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(patches, rowvar=False))
-    filters = eigenvectors / np.sqrt(eigenvalues + eps)  # columns are filters
+    eigenvalues, eigenvectors = np.linalg.eigh(patches.T @ patches / len(patches))
+    filters = (eigenvectors / np.sqrt(eigenvalues + eps))[:, ::-1]  # columns, largest first
     kernel = filters.reshape(2, 2, 3, 12)
     kernel = np.concatenate([kernel, -kernel], axis=-1)[..., : layer.filters]
     layer.set_weights([kernel.astype("float32"), np.zeros(layer.filters, "float32")])
+
+
+def init_airbench(model: keras.Model, seed: int) -> None:
+    """Kernels uniform in +-1/sqrt(fan_in); each conv starts as the identity on its first
+    min(c_in, c_out) channels (airbench's dirac init). The stem is set by init_whitening."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            continue
+        if layer.name == "whiten":
+            continue
+        shape = tuple(layer.kernel.shape)
+        bound = 1 / np.sqrt(np.prod(shape[:-1]))
+        kernel = rng.uniform(-bound, bound, shape).astype("float32")
+        if len(shape) == 4:
+            kh, kw, c_in, c_out = shape
+            n = min(c_in, c_out)
+            kernel[..., :n] = 0
+            kernel[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1
+        layer.kernel.assign(kernel)
+
+
+class Lookahead(keras.callbacks.Callback):
+    """Every `every` steps, pull an average of the weights (BatchNorm statistics included)
+    towards them with a weight that grows as the cube of progress, and restart from the
+    average; training ends on it. airbench's "lookahead"; a resumed run restarts the average."""
+
+    def __init__(self, total_steps: int, steps_per_epoch: int, every: int = 5):
+        super().__init__()
+        self.total, self.per_epoch, self.every = total_steps, steps_per_epoch, every
+        self.step = None
+
+    def on_train_begin(self, logs=None):
+        self.variables = [v for v in self.model.weights if "float" in str(v.dtype)]
+        self.average = [np.array(v.numpy(), "float32") for v in self.variables]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.step is None:
+            self.step = epoch * self.per_epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every:
+            return
+        keep = 1 - 0.95**5 * min(self.step / self.total, 1.0) ** 3
+        for variable, average in zip(self.variables, self.average, strict=True):
+            average += keep * (variable.numpy() - average)
+            variable.assign(average)
+
+    def on_train_end(self, logs=None):
+        for variable, average in zip(self.variables, self.average, strict=True):
+            variable.assign(average)
+
+
+class WhitenBiasEpochs(keras.callbacks.Callback):
+    """The stem's bias learns for the first `epochs` epochs only."""
+
+    def __init__(self, epochs: int = 3):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.whiten_bias_on.assign(1.0 if epoch < self.epochs else 0.0)
 
 
 def compile_model(model: keras.Model, cfg: TrainConfig, steps: int) -> None:
@@ -121,7 +199,8 @@ def compile_model(model: keras.Model, cfg: TrainConfig, steps: int) -> None:
         lr = cfg.lr / kilostep * cfg.batch_size
         l2 = cfg.weight_decay / cfg.lr
         optimizer = AirbenchSGD(
-            learning_rate=TriangularSchedule(lr, steps, cfg.warmup), momentum=cfg.momentum,
+            learning_rate=TriangularSchedule(lr, steps, cfg.warmup, cfg.lr_start, cfg.lr_end),
+            momentum=cfg.momentum,
             nesterov=True, l2=l2, bias_lr_scale=cfg.bias_lr_scale,
         )
     model.compile(
@@ -374,7 +453,9 @@ def as_float32(model: keras.Model, preset: str) -> keras.Model:
     if model.dtype_policy.name == "float32":
         return model
     clone = models.build(preset, model.output.shape[-1])
-    clone.set_weights(model.get_weights())
+    values = {v.path: v.numpy() for v in model.variables}
+    for variable in clone.variables:
+        variable.assign(values[variable.path].astype(variable.dtype))
     return clone
 
 
@@ -403,12 +484,18 @@ def _fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: in
         with dtype_policy("mixed_bfloat16" if cfg.precision == "bfloat16" else "float32"):
             model = models.build(cfg.preset, len(classes))
         if cfg.preset != "tutorial":
+            init_airbench(model, cfg.seed)
             init_whitening(model, batches.split.images)
+            model.get_layer("whiten").trainable = True  # the bias; AirbenchSGD holds the kernel
         compile_model(model, cfg, steps=len(batches) * epochs)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     csv_log = ckpt_dir / "log.csv"
     callbacks = [AtomicCheckpoint(ckpt_dir, cfg),
                  keras.callbacks.CSVLogger(str(csv_log), append=resume), *callbacks]
+    if cfg.preset != "tutorial" and keras.backend.backend() == "tensorflow":
+        # Both assign variables between steps, which JAX's fit loop (holding its own copy of
+        # the state) would ignore; on JAX the device loop does all of the recipe.
+        callbacks += [Lookahead(len(batches) * epochs, len(batches)), WhitenBiasEpochs()]
     if cfg.time_limit:
         callbacks.append(TimeLimit(cfg.time_limit))
     if tensorboard:
