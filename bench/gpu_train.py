@@ -104,7 +104,7 @@ from convnet import device_loop
 data = np.load(sys.argv[1])
 x, y, tx, ty = data["x"], data["y"], data["tx"], data["ty"]
 runs_per, settings, preset = int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-precision = device_loop.default_precision()
+precision = sys.argv[5] if sys.argv[5] != "auto" else device_loop.default_precision()
 runs, seed = [], 0
 for index, (epochs, scan) in enumerate(settings):
     trainer = device_loop.trainer(preset, len(data["classes"]), 1024, len(x), precision, scan)
@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, nargs="+", default=[12.0],
                         help="convnet epoch counts to measure")
     parser.add_argument("--preset", default="fast")
+    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="convnet's precision (auto: bfloat16 on a GPU)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gpu_train.json")
     parser.add_argument("--copy-model", type=Path, default=None,
                         help="copy the CLI run's model.keras here")
@@ -241,7 +243,8 @@ def main() -> None:
     if args.also_step:
         settings.append((args.epochs[0], False))
     ours = run_worker("convnet", CONVNET_WORKER,
-                      [str(arrays), str(args.runs), json.dumps(settings), args.preset], env,
+                      [str(arrays), str(args.runs), json.dumps(settings), args.preset,
+                       args.precision], env,
                       args.work, args.timeout)
     if ours:
         report["convnet"] = ours

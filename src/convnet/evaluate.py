@@ -28,9 +28,15 @@ class Predictor:
     _run: object
 
     def probabilities(self, images: np.ndarray, *, tta: bool = False) -> np.ndarray:
+        return self.probabilities_and_plain(images, tta=tta)[0]
+
+    def probabilities_and_plain(self, images: np.ndarray, *, tta: bool = False):
+        """(probabilities, probabilities of the unaugmented images): one pass for both."""
         if not tta:
-            return self._batched(images)
-        return sum(w * self._batched(np.ascontiguousarray(v)) for v, w in augment.tta_views(images))
+            probs = self._batched(images)
+            return probs, probs
+        views = [(self._batched(np.ascontiguousarray(v)), w) for v, w in augment.tta_views(images)]
+        return sum(p * w for p, w in views), views[0][0]  # the first view is the image itself
 
     def _batched(self, images: np.ndarray) -> np.ndarray:
         out = [self._run(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]
@@ -100,9 +106,10 @@ def evaluate(predictor: Predictor, images: np.ndarray, labels: np.ndarray, *,
              tta: bool = False) -> dict:
     if len(images) == 0:
         raise ValueError("no images to evaluate")
-    probs = predictor.probabilities(images, tta=tta)
+    probs, plain = predictor.probabilities_and_plain(images, tta=tta)
     report = accuracy_report(probs, labels, predictor.labels)
-    report.update(tta=tta, backend=predictor.backend, model=str(predictor.version_dir))
+    report.update(tta=tta, backend=predictor.backend, model=str(predictor.version_dir),
+                  accuracy_no_tta=float((plain.argmax(1) == labels).mean()))
     return report
 
 

@@ -540,10 +540,8 @@ def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str],
         if test_split is not None:
             report = evaluate.evaluate(predictor, test_split.images, test_split.labels,
                                        tta=cfg.tta)
-            plain = (evaluate.evaluate(predictor, test_split.images, test_split.labels)
-                     if cfg.tta else report)
             metrics.update(
-                accuracy=report["accuracy"], accuracy_no_tta=plain["accuracy"],
+                accuracy=report["accuracy"], accuracy_no_tta=report["accuracy_no_tta"],
                 top5_accuracy=report["top5_accuracy"], tta=cfg.tta,
                 per_class_accuracy=report["per_class_accuracy"],
                 num_test=report["num_images"], confusion_matrix=report["confusion_matrix"],
