@@ -43,9 +43,14 @@ stop() {
   trap - EXIT INT TERM
   if [[ -f $RUN_DIR/nginx.pid ]]; then kill -QUIT "$(cat "$RUN_DIR/nginx.pid")" 2>/dev/null || true; fi
   for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done  # as Ctrl-C would
+  # One deadline for all of them (not one each): stopping never takes much over 15 s.
+  local deadline=$((SECONDS + 15))
   for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -KILL "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null && (( SECONDS < deadline )); do sleep 0.2; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "replicas: pid $pid still running 15 s after Ctrl-C; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
   done
   wait 2>/dev/null || true
   if [[ ${KEEP_RUN_DIR:-0} == 1 ]]; then

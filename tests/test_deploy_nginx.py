@@ -123,7 +123,7 @@ def test_replicas_behind_nginx_survive_a_killed_replica(replicas):
     pids = [int((run_dir / f"replica-{i}.pid").read_text()) for i in range(2)]
     nginx_pid = int((run_dir / "nginx.pid").read_text())
     process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=40) == 130  # the script's status after Ctrl-C
+    assert process.wait(timeout=60) == 130, log.read_text()  # the status after Ctrl-C
     assert wait_for(lambda: not any(alive(p) for p in [*pids, nginx_pid]), timeout=10)
     assert not run_dir.exists()
     assert "replicas: stopped" in log.read_text()
