@@ -61,9 +61,12 @@ def replicas(model_root, tmp_path):
            "CONVNET": str(convnet)}
     log = tmp_path / "replicas.log"
     with open(log, "wb") as out:
+        # Ctrl-C must reach the script's trap even when pytest itself runs in the background,
+        # where the shell started it with SIGINT ignored (bash cannot trap what it inherits
+        # ignored): give the script the default disposition back.
         process = subprocess.Popen(["bash", str(SCRIPT), "--", "--workers", "1", "--threads", "4"],
                                    stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_default_sigint)
     try:
         assert wait_for(lambda: "replicas: ready" in log.read_text() or process.poll() is not None,
                         timeout=START_TIMEOUT), log.read_text()
@@ -78,6 +81,10 @@ def replicas(model_root, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_replicas_behind_nginx_survive_a_killed_replica(replicas):
