@@ -15,6 +15,17 @@ Meant for a GPU machine with PyTorch and JAX but no TensorFlow and no network. S
    published model (data from the cache, compilation, training, saving, evaluation).
 Prints a table and writes every run to --json. `--limit N` trains on N images only (a smoke test
 of the script on a CPU: use --skip-airbench there).
+
+The wheels, fetched where there is a network (airbench is a source archive on PyPI: build it):
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d carry/whl \
+        keras==3.15.1 namex==0.1.0 optree==0.20.0
+    pip download --no-deps -d /tmp/ab airbench==0.1.8
+    pip wheel --no-deps -w carry/whl /tmp/ab/airbench-0.1.8.tar.gz
+
+and the data beside them: `mkdir -p carry/data && cp ../shared/data/cifar10-jpeg/*.tar.gz
+carry/data/`; `carry/` is ignored by git and travels to the GPU machine as a carried path.
 """
 
 from __future__ import annotations
