@@ -122,10 +122,10 @@ def test_device_loop_on_tensorflow_is_refused(tmp_path):
 
 
 def test_schedules():
-    from convnet import device_loop
+    from convnet import optim
 
-    f = device_loop.lr_factors(100, 0.2, 0.23, 0.07)
+    f = optim.lr_factors(100, 0.2, 0.23, 0.07)
     assert len(f) == 101 and f[0] == pytest.approx(0.2) and f[-1] == pytest.approx(0.07)
     assert f.max() == pytest.approx(1.0) and int(np.argmax(f)) == 23
-    d = device_loop.lookahead_decays(100)
+    d = optim.lookahead_decays(100)
     assert d[0] == 0 and d[-1] == pytest.approx(0.95**5) and np.all(np.diff(d) >= 0)

@@ -39,6 +39,7 @@ import keras
 import numpy as np
 
 from convnet import models
+from convnet.optim import lookahead_decays, lr_factors
 
 FROZEN, WHITEN_BIAS, NORM_BIAS, WEIGHT = range(4)
 EVAL_CHUNK = 1000
@@ -61,17 +62,6 @@ class Recipe:
     lr_peak_at: float = 0.23
     lr_end: float = 0.07
     seed: int = 0
-
-
-def lr_factors(total_steps: int, start: float, peak_at: float, end: float) -> np.ndarray:
-    """Learning-rate multiplier for steps 0..total: start -> 1 at peak_at, then -> end."""
-    peak = int(peak_at * total_steps)
-    x = np.arange(total_steps + 1)
-    return np.interp(x, [0, peak, total_steps], [start, 1.0, end]).astype("float32")
-
-
-def lookahead_decays(total_steps: int) -> np.ndarray:
-    return (0.95**5 * (np.arange(total_steps + 1) / total_steps) ** 3).astype("float32")
 
 
 def _padded(values: np.ndarray, multiple: int = 1024) -> np.ndarray:
@@ -151,20 +141,8 @@ class DeviceTrainer:
 
     # ---- initial weights -------------------------------------------------------------------
 
-    def _whiten_kernel(self, images, eps=5e-4):
-        mean = jnp.asarray(models.CIFAR_MEAN, jnp.float32)
-        std = jnp.asarray(models.CIFAR_STD, jnp.float32)
-        x = (images.astype(jnp.float32) - mean) / std
-        k = self.whiten_size
-        h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
-        # (kh, kw, c) order, as a Keras kernel (kh, kw, c_in, c_out) flattens
-        patches = jnp.stack([x[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], axis=3)
-        patches = patches.reshape(-1, k * k * x.shape[-1])
-        moments = patches.T @ patches / patches.shape[0]
-        eigenvalues, eigenvectors = jnp.linalg.eigh(moments)
-        filters = (eigenvectors / jnp.sqrt(eigenvalues + eps))[:, ::-1]  # largest first
-        kernel = filters.reshape(k, k, x.shape[-1], -1)
-        return jnp.concatenate([kernel, -kernel], axis=-1)[..., : self.whiten_width]
+    def _whiten_kernel(self, images):
+        return models.whitening_kernel(images, self.whiten_size, self.whiten_width, xp=jnp)
 
     def _init_impl(self, key, whiten_images):
         params = []
@@ -394,6 +372,10 @@ def trainer(preset: str, num_classes: int, batch_size: int, num_train: int,
     if key not in _TRAINERS:
         _TRAINERS[key] = DeviceTrainer(*key)
     return _TRAINERS[key]
+
+
+def devices() -> str:
+    return ", ".join(str(d) for d in jax.devices())
 
 
 def default_precision() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import layers
 
 # Per-channel statistics of the CIFAR-10 training images, in 0..255 pixel units.
@@ -66,6 +67,23 @@ def _conv_group(x, width: int, spec: AirbenchSpec, name: str):
         )(x)
         x = _activation(spec.activation)(x)
     return x
+
+
+def whitening_kernel(pixels, size: int, width: int, eps: float = 5e-4, xp=np):
+    """The patch-whitening stem's kernel (size, size, C, width) from uint8 pixels (N, H, W, C):
+    eigenvectors of the uncentred second moments of size x size patches, scaled to unit
+    variance, largest first, then their negatives (airbench's stem). `xp` is numpy or
+    jax.numpy, so the same function serves both training loops."""
+    x = (xp.asarray(pixels, dtype="float32") - xp.asarray(CIFAR_MEAN, dtype="float32")) \
+        / xp.asarray(CIFAR_STD, dtype="float32")
+    h, w = x.shape[1] - size + 1, x.shape[2] - size + 1
+    # (kh, kw, c) order, as a Keras kernel (kh, kw, c_in, c_out) flattens
+    patches = xp.stack([x[:, i:i + h, j:j + w] for i in range(size) for j in range(size)], axis=3)
+    patches = patches.reshape(-1, size * size * x.shape[-1])
+    eigenvalues, eigenvectors = xp.linalg.eigh(patches.T @ patches / patches.shape[0])
+    filters = (eigenvectors / xp.sqrt(eigenvalues + eps))[:, ::-1]
+    kernel = filters.reshape(size, size, x.shape[-1], -1)
+    return xp.concatenate([kernel, -kernel], axis=-1)[..., :width]
 
 
 def build_airbench(spec: AirbenchSpec, num_classes: int, name: str = "fast") -> keras.Model:

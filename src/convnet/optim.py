@@ -7,6 +7,7 @@ restores them by name once this module is imported.
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 
 @keras.saving.register_keras_serializable(package="convnet")
@@ -57,3 +58,16 @@ class AirbenchSGD(keras.optimizers.SGD):
 
     def get_config(self):
         return {**super().get_config(), "l2": self.l2, "bias_lr_scale": self.bias_lr_scale}
+
+
+def lr_factors(total_steps: int, start: float, peak_at: float, end: float) -> np.ndarray:
+    """Learning-rate multiplier for steps 0..total: start -> 1 at peak_at, then -> end (the
+    device loop's form of TriangularSchedule, peaking on a whole step)."""
+    peak = int(peak_at * total_steps)
+    x = np.arange(total_steps + 1)
+    return np.interp(x, [0, peak, total_steps], [start, 1.0, end]).astype("float32")
+
+
+def lookahead_decays(total_steps: int) -> np.ndarray:
+    """airbench's lookahead: after step i the average keeps decays[i] of itself."""
+    return (0.95**5 * (np.arange(total_steps + 1) / total_steps) ** 3).astype("float32")

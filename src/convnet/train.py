@@ -27,7 +27,7 @@ import numpy as np
 
 from convnet import augment, evaluate, export, modeldir, models
 from convnet.data import Split
-from convnet.optim import AirbenchSGD, TriangularSchedule
+from convnet.optim import AirbenchSGD, TriangularSchedule, lookahead_decays
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = ".checkpoint"  # inside the model root; hidden from version listing
@@ -114,16 +114,9 @@ class Batches(keras.utils.PyDataset):
 
 
 def init_whitening(model: keras.Model, images: np.ndarray, eps: float = 5e-4) -> None:
-    """Set the 2x2 stem to the eigenvectors of the (uncentred) second moments of 2x2 patches,
-    scaled to unit variance, and their negatives, as airbench does; bias zero."""
+    """Set the 2x2 stem from the first 5,000 images (models.whitening_kernel); bias zero."""
     layer = model.get_layer("whiten")
-    x = np.asarray(model.get_layer("normalise")(images[:5000].astype("float32")), "float32")
-    patches = np.stack([x[:, i : i + 31, j : j + 31, :] for i in (0, 1) for j in (0, 1)], axis=3)
-    patches = patches.reshape(-1, 12)  # (kh, kw, c) order matches a Keras kernel (2, 2, 3, out)
-    eigenvalues, eigenvectors = np.linalg.eigh(patches.T @ patches / len(patches))
-    filters = (eigenvectors / np.sqrt(eigenvalues + eps))[:, ::-1]  # columns, largest first
-    kernel = filters.reshape(2, 2, 3, 12)
-    kernel = np.concatenate([kernel, -kernel], axis=-1)[..., : layer.filters]
+    kernel = models.whitening_kernel(images[:5000], layer.kernel_size[0], layer.filters, eps)
     layer.set_weights([kernel.astype("float32"), np.zeros(layer.filters, "float32")])
 
 
@@ -154,7 +147,8 @@ class Lookahead(keras.callbacks.Callback):
 
     def __init__(self, total_steps: int, steps_per_epoch: int, every: int = 5):
         super().__init__()
-        self.total, self.per_epoch, self.every = total_steps, steps_per_epoch, every
+        self.per_epoch, self.every = steps_per_epoch, every
+        self.decays = lookahead_decays(total_steps)
         self.step = None
 
     def on_train_begin(self, logs=None):
@@ -169,7 +163,7 @@ class Lookahead(keras.callbacks.Callback):
         self.step += 1
         if self.step % self.every:
             return
-        keep = 1 - 0.95**5 * min(self.step / self.total, 1.0) ** 3
+        keep = 1 - self.decays[min(self.step, len(self.decays) - 1)]
         for variable, average in zip(self.variables, self.average, strict=True):
             average += keep * (variable.numpy() - average)
             variable.assign(average)
@@ -425,14 +419,16 @@ def _device_fit(cfg: TrainConfig, split: Split, epochs: float, ckpt_dir: Path, v
     def progress(epoch, loss):
         print(f"epoch {epoch + 1}/{total}  loss {loss:.4f}", flush=True)
 
-    log.info("device loop: %s, %s, %d images", jax_devices(), precision, len(split))
+    log.info("device loop: %s, %s, %d images", device_loop.devices(), precision, len(split))
     result = trainer.run(split.images, split.labels, recipe=recipe, time_limit=cfg.time_limit,
                          on_epoch=progress if verbose else None)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    with open(ckpt_dir / "log.csv", "w", newline="") as f:
+    tmp = ckpt_dir / ".log.csv.tmp"
+    with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["epoch", "accuracy", "loss"])
         writer.writeheader()
         writer.writerows(result.history)
+    os.replace(tmp, ckpt_dir / "log.csv")
     return result.to_keras(), result.seconds, round(result.epochs, 3)
 
 
@@ -457,12 +453,6 @@ def as_float32(model: keras.Model, preset: str) -> keras.Model:
     for variable in clone.variables:
         variable.assign(values[variable.path].astype(variable.dtype))
     return clone
-
-
-def jax_devices() -> str:
-    import jax
-
-    return ", ".join(str(d) for d in jax.devices())
 
 
 def _fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: int,
