@@ -159,6 +159,7 @@ class LiveServer:
             self.process = subprocess.Popen([sys.executable, *python_flags, "-c", code],
                                             stdout=out, stderr=err)
         self.output: tuple[str, str] | None = None
+        self.workers = workers
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
@@ -167,11 +168,18 @@ class LiveServer:
                 out, err = self.stop()
                 raise RuntimeError(f"server exited early:\n{out}\n{err[-4000:]}")
             with contextlib.suppress(OSError):
-                if http("GET", self.url + "/readyz", timeout=2)[0] == 200:
+                if (http("GET", self.url + "/readyz", timeout=2)[0] == 200
+                        and self.workers_serving() == self.workers):
                     return
             time.sleep(0.2)
         out, err = self.stop()
         raise RuntimeError(f"server not ready after {SERVER_START_TIMEOUT} s:\n{err[-4000:]}")
+
+    def workers_serving(self) -> int:
+        """How many workers have loaded a model: /readyz answers once the first one has, and
+        a test that counts or kills workers needs all of them."""
+        body = http("GET", self.url + "/metrics", timeout=2)[2].decode()
+        return sum(line.startswith("convnet_model_version") for line in body.splitlines())
 
     def stop(self) -> tuple[str, str]:
         """SIGINT (Ctrl-C), as a person would stop it; returns (stdout, stderr)."""

@@ -49,7 +49,6 @@ def test_a_killed_worker_costs_at_most_its_requests_in_flight(live_server_factor
     server = live_server_factory(model_root, workers=2, threads=4)
     master = server.process.pid
     workers = children(master)
-    assert len(workers) == 2
     killed_at = []
 
     def kill_one() -> None:
