@@ -302,7 +302,8 @@ class DeviceTrainer:
         k_init, k_flip, key = jax.random.split(key, 3)
         images_dev = jnp.asarray(images)
         labels_dev = jnp.asarray(labels, jnp.int32)
-        params, stats = self._init(k_init, images_dev[:5000])
+        params, stats = self._init(
+            k_init, jnp.asarray(models.whitening_sample(images, recipe.seed)))
         padded = self._prepare(images_dev, k_flip, translate=recipe.translate, flip=recipe.flip)
         del images_dev
 

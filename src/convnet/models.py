@@ -69,6 +69,15 @@ def _conv_group(x, width: int, spec: AirbenchSpec, name: str):
     return x
 
 
+def whitening_sample(images: np.ndarray, seed: int, size: int = 5000) -> np.ndarray:
+    """A random `size` of the images (all of them when fewer), whose patches set the whitening
+    stem: not the first ones, since loaders may return the images grouped by class."""
+    if len(images) <= size:
+        return images
+    chosen = np.random.default_rng([seed, 2]).choice(len(images), size, replace=False)
+    return images[np.sort(chosen)]
+
+
 def whitening_kernel(pixels, size: int, width: int, eps: float = 5e-4, xp=np):
     """The patch-whitening stem's kernel (size, size, C, width) from uint8 pixels (N, H, W, C):
     eigenvectors of the uncentred second moments of size x size patches, scaled to unit

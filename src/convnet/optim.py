@@ -6,6 +6,8 @@ restores them by name once this module is imported.
 
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 
@@ -31,30 +33,44 @@ class TriangularSchedule(keras.optimizers.schedules.LearningRateSchedule):
                 "start": self.start, "end": self.end}
 
 
+def variable_path(variable) -> tuple[str, str]:
+    """(layer, variable) names of a variable handed to an optimizer's update_step. JAX hands
+    over the Keras variable ("group1_bn0/beta"); TensorFlow hands over its own, named
+    "group1_bn0/beta:0" (and "group1_bn0/beta/replica_1:0" on a second mirrored device)."""
+    path = getattr(variable, "path", None) or re.sub(r"(/replica_\d+)?:\d+$", "", variable.name)
+    layer, _, name = path.rpartition("/")
+    return layer.rpartition("/")[2], name
+
+
 @keras.saving.register_keras_serializable(package="convnet")
 class AirbenchSGD(keras.optimizers.SGD):
     """Nesterov SGD with coupled L2 decay and a faster learning rate for BatchNorm biases.
 
-    The whitening stem's kernel never moves; its bias learns while `whiten_bias_on` is 1
-    (train.WhitenBiasEpochs turns it off after a few epochs)."""
+    The momentum buffer holds gradients and the learning rate applies at the update, as in
+    PyTorch and the device loop (Keras's SGD keeps lr-scaled steps instead, which differs
+    whenever the schedule moves). The whitening stem's kernel never moves; its bias learns
+    while the stem is trainable (train.WhitenBiasEpochs freezes it after a few epochs)."""
 
     def __init__(self, l2: float = 0.0, bias_lr_scale: float = 1.0, **kwargs):
         super().__init__(**kwargs)
+        if not self.momentum:
+            raise ValueError("AirbenchSGD needs a momentum above 0")
         self.l2, self.bias_lr_scale = float(l2), float(bias_lr_scale)
-        # A switch, not optimizer state: not saved; WhitenBiasEpochs sets it every epoch.
-        self.whiten_bias_on = keras.Variable(1.0, trainable=False, name="whiten_bias_on")
 
     def update_step(self, gradient, variable, learning_rate):
-        path = getattr(variable, "path", "")
-        if path.startswith("whiten/"):
-            if not path.endswith("bias"):
-                return
-            on = keras.ops.cast(self.whiten_bias_on, gradient.dtype)
-            gradient, learning_rate = gradient * on, learning_rate * on
-        scale = self.bias_lr_scale if variable.name == "beta" else 1.0
+        ops = keras.ops
+        layer, name = variable_path(variable)
+        if layer == "whiten" and name != "bias":
+            return
+        scale = self.bias_lr_scale if name == "beta" else 1.0
+        gradient = ops.cast(gradient, variable.dtype)
+        learning_rate = ops.cast(learning_rate, variable.dtype) * scale
         # Same absolute decay for every variable: the L2 term is divided by the lr scale.
         gradient = gradient + (self.l2 / scale) * variable
-        super().update_step(gradient, variable, learning_rate * scale)
+        m = self.momentums[self._get_variable_index(variable)]
+        new_m = self.momentum * m + gradient
+        self.assign(m, new_m)
+        self.assign(variable, variable - learning_rate * (gradient + self.momentum * new_m))
 
     def get_config(self):
         return {**super().get_config(), "l2": self.l2, "bias_lr_scale": self.bias_lr_scale}
