@@ -147,3 +147,20 @@ def test_too_small_for_a_batch_is_a_clear_error(dataset, tmp_path):
     result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out",
                                        str(tmp_path / "m"), "--batch-size", "4096"])
     assert result.exit_code == 2 and "fewer than one batch" in result.output
+
+
+def test_batches_run_on_across_epochs_and_resume_where_they_stopped():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
+    split = training.Split(images, rng.integers(0, 3, 100), ["a", "b", "c"])
+    cfg = training.TrainConfig(batch_size=32, seed=5)
+    batches = training.Batches(split, cfg, 3)
+    assert batches.steps_per_epoch == 3 and batches.num_batches is None  # endless
+    run = [batches[i] for i in range(9)]  # three epochs in one sequence
+    resumed = training.Batches(split, cfg, 3, epoch=2)
+    for i in range(3):
+        np.testing.assert_array_equal(resumed[i][0], run[6 + i][0])
+        np.testing.assert_array_equal(resumed[i][1], run[6 + i][1])
+    # every epoch draws a new order and new shifts; labels stay one-hot rows of the images' own
+    assert not np.array_equal(run[0][0], run[3][0])
+    assert run[0][1].shape == (32, 3) and (run[0][1].sum(axis=1) == 1).all()
