@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 from conftest import CIFAR10_LABELS, image_bytes, png_header_only
+from hostile_inputs import multipart
 from PIL import Image
 
 from convnet.serve import create_app
@@ -91,6 +92,13 @@ def png_missing_rows() -> bytes:
 
 
 RED = image_bytes((255, 0, 0))
+
+
+def browser_form(parts: list[tuple[bytes, bytes]]) -> dict:
+    body, headers = multipart(parts)
+    return dict(data=body, content_type=headers["Content-Type"])
+
+
 BAD_REQUESTS = {
     # id: (post kwargs, status, words the message must contain)
     "empty raw body": (dict(data=b"", content_type="image/png"), 400, "empty"),
@@ -120,10 +128,12 @@ BAD_REQUESTS = {
     "no content type": (dict(data=RED), 415, "content type"),
     "multipart without file field": (dict(data={"other": "x"},
                                           content_type="multipart/form-data"), 400, "'file'"),
-    "multipart empty file": (dict(data={"file": (io.BytesIO(b""), "empty.png")},
-                                  content_type="multipart/form-data"), 400, "empty"),
+    "multipart empty file": (browser_form([(b"empty.png", b"")]), 400, "empty"),
     "multipart garbage": (dict(data=b"--xyz\r\ngarbage", content_type="multipart/form-data; "
-                               "boundary=xyz"), 400, "no image"),
+                               "boundary=xyz"), 400, "malformed multipart body"),
+    "multipart without boundary": (dict(data=b"--xyz--\r\n", content_type="multipart/form-data"),
+                                   400, "boundary"),
+    "multipart with 200 parts": (browser_form([(b"a.png", RED)] * 200), 400, "at most 144 parts"),
     "one bad image among good": (dict(data={"file": [(io.BytesIO(RED), "a.png"),
                                                      (io.BytesIO(b"nope"), "b.png")]},
                                       content_type="multipart/form-data"), 400, "image 2 of 2"),

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 from conftest import write_version
+from hostile_inputs import multipart
 
 from convnet.serve import create_app
 
 
 def form(*files):
-    return {"data": {"file": [(io.BytesIO(data), name) for data, name in files]},
-            "content_type": "multipart/form-data"}
+    """A multipart body as a browser sends it (Werkzeug's test encoder drops the CRLF before
+    the delimiter after an empty file, which a strict parser refuses)."""
+    body, headers = multipart([(name.encode(), data) for data, name in files])
+    return {"data": body, "content_type": headers["Content-Type"]}
 
 
 def test_page_has_form_assets_and_model_card(client):

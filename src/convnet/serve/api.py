@@ -12,9 +12,9 @@ from flask import Blueprint, request
 
 from convnet.serve.decode import b64_to_bytes, check_count, decode_images
 from convnet.serve.errors import ApiError
-from convnet.serve.pipeline import get_model, infer, max_images, max_pixels
+from convnet.serve.pipeline import get_model, infer, max_images, max_parts, max_pixels
 from convnet.serve.postprocess import parse_top_k, predictions
-from convnet.serve.uploads import media_type, read_json_body
+from convnet.serve.uploads import form_files, media_type, read_json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -23,8 +23,7 @@ UPLOAD_FIELD = "file"
 
 def _multipart_blobs() -> list[bytes]:
     # A browser submits an empty, nameless part when no file was chosen: that is "no image".
-    # (The parts are in memory already, bounded by MAX_CONTENT_LENGTH.)
-    blobs = [data for f in request.files.getlist(UPLOAD_FIELD) if (data := f.read()) or f.filename]
+    blobs = [data for name, data in form_files(UPLOAD_FIELD, max_parts()) if data or name]
     if not blobs:
         raise ApiError(
             f"no image in the form: send each image as a file field named {UPLOAD_FIELD!r}"

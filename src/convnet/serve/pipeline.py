@@ -88,3 +88,8 @@ def max_pixels() -> int:
 
 def max_images() -> int:
     return current_app.config["MAX_IMAGES_PER_REQUEST"]
+
+
+def max_parts() -> int:
+    """Parts a multipart body may have in all: the images, a few other fields, and slack."""
+    return 2 * max_images() + 16

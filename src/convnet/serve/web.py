@@ -10,7 +10,7 @@ import io
 import logging
 
 import numpy as np
-from flask import Blueprint, current_app, render_template, request
+from flask import Blueprint, current_app, render_template
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
@@ -18,8 +18,9 @@ from convnet.imaging import ImageError, decode_image
 from convnet.serve.api import UPLOAD_FIELD
 from convnet.serve.decode import check_count
 from convnet.serve.errors import ApiError, describe
-from convnet.serve.pipeline import get_model, holder, infer, max_images, max_pixels
+from convnet.serve.pipeline import get_model, holder, infer, max_images, max_parts, max_pixels
 from convnet.serve.postprocess import DEFAULT_TOP_K, top_k
+from convnet.serve.uploads import form_files
 
 log = logging.getLogger(__name__)
 bp = Blueprint("web", __name__)
@@ -68,8 +69,8 @@ def index():
 @bp.post("/")
 def classify_form():
     model = get_model()
-    uploads = [(f.filename, data) for f in request.files.getlist(UPLOAD_FIELD)
-               if (data := f.read()) or f.filename]
+    uploads = [(name, data) for name, data in form_files(UPLOAD_FIELD, max_parts())
+               if data or name]
     if not uploads:
         raise ApiError("choose one or more images first")
     check_count(len(uploads), max_images())
