@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 from conftest import CIFAR10_LABELS, image_bytes, png_header_only
-from hostile_inputs import multipart
+from hostile_inputs import browser_form
 from PIL import Image
 
 from convnet.serve import create_app
@@ -92,11 +92,6 @@ def png_missing_rows() -> bytes:
 
 
 RED = image_bytes((255, 0, 0))
-
-
-def browser_form(parts: list[tuple[bytes, bytes]]) -> dict:
-    body, headers = multipart(parts)
-    return dict(data=body, content_type=headers["Content-Type"])
 
 
 BAD_REQUESTS = {

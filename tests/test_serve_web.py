@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import pytest
 from conftest import write_version
-from hostile_inputs import multipart
+from hostile_inputs import browser_form
 
 from convnet.serve import create_app
 
 
 def form(*files):
-    """A multipart body as a browser sends it (Werkzeug's test encoder drops the CRLF before
-    the delimiter after an empty file, which a strict parser refuses)."""
-    body, headers = multipart([(name.encode(), data) for data, name in files])
-    return {"data": body, "content_type": headers["Content-Type"]}
+    return browser_form([(name.encode(), data) for data, name in files])
 
 
 def test_page_has_form_assets_and_model_card(client):

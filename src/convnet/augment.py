@@ -36,13 +36,6 @@ def random_translate(images: np.ndarray, pixels: int, rng: np.random.Generator) 
     return out
 
 
-def augment_batch(images: np.ndarray, rng: np.random.Generator, *, flip: bool = True,
-                  translate: int = 2) -> np.ndarray:
-    if flip:
-        images = random_flip(images, rng)
-    return random_translate(images, translate, rng)
-
-
 def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Translate by (dy, dx) pixels with reflected borders."""
     p = max(abs(dy), abs(dx))

@@ -39,7 +39,7 @@ import keras
 import numpy as np
 
 from convnet import models
-from convnet.optim import lookahead_decays, lr_factors
+from convnet.optim import LOOKAHEAD_EVERY, WHITEN_BIAS_EPOCHS, lookahead_decays, lr_factors
 
 FROZEN, WHITEN_BIAS, NORM_BIAS, WEIGHT = range(4)
 EVAL_CHUNK = 1000
@@ -56,8 +56,8 @@ class Recipe:
     label_smoothing: float = 0.2
     flip: bool = True
     translate: int = 2
-    whiten_bias_epochs: int = 3
-    lookahead_every: int = 5
+    whiten_bias_epochs: int = WHITEN_BIAS_EPOCHS
+    lookahead_every: int = LOOKAHEAD_EVERY
     lr_start: float = 0.2
     lr_peak_at: float = 0.23
     lr_end: float = 0.07

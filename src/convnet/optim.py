@@ -11,6 +11,9 @@ import re
 import keras
 import numpy as np
 
+WHITEN_BIAS_EPOCHS = 3  # the whitening stem's bias trains this many epochs, then freezes
+LOOKAHEAD_EVERY = 5  # steps between pulls towards the lookahead average
+
 
 @keras.saving.register_keras_serializable(package="convnet")
 class TriangularSchedule(keras.optimizers.schedules.LearningRateSchedule):

@@ -27,7 +27,13 @@ import numpy as np
 
 from convnet import augment, evaluate, export, modeldir, models
 from convnet.data import Split
-from convnet.optim import AirbenchSGD, TriangularSchedule, lookahead_decays
+from convnet.optim import (
+    LOOKAHEAD_EVERY,
+    WHITEN_BIAS_EPOCHS,
+    AirbenchSGD,
+    TriangularSchedule,
+    lookahead_decays,
+)
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = ".checkpoint"  # inside the model root; hidden from version listing
@@ -152,7 +158,7 @@ class Lookahead(keras.callbacks.Callback):
     towards them with a weight that grows as the cube of progress, and restart from the
     average; training ends on it. airbench's "lookahead"; a resumed run restarts the average."""
 
-    def __init__(self, total_steps: int, steps_per_epoch: int, every: int = 5):
+    def __init__(self, total_steps: int, steps_per_epoch: int, every: int = LOOKAHEAD_EVERY):
         super().__init__()
         self.per_epoch, self.every = steps_per_epoch, every
         self.decays = lookahead_decays(total_steps)
@@ -185,7 +191,7 @@ class WhitenBiasEpochs(keras.callbacks.Callback):
     the train function rebuilt, so later steps no longer backpropagate into it (measured on
     the fast net, 2 CPU cores: 0.2 s of a 3.7 s step)."""
 
-    def __init__(self, epochs: int = 3):
+    def __init__(self, epochs: int = WHITEN_BIAS_EPOCHS):
         super().__init__()
         self.epochs = epochs
 
