@@ -5,24 +5,25 @@
 # Each run starts with an empty dataset cache, so its wall time counts decoding the JPEGs too:
 # from the command to the exported, evaluated model.
 #
-#   bash bench/cpu_train.sh [DATA_DIR] [OUT_DIR]       PRESETS="quick tutorial" picks presets
+#   bash bench/cpu_train.sh [DATA_DIR] [OUT_DIR]
+#   PRESETS="quick tutorial" picks presets; SEEDS="0 1 2" trains fast and quick once per seed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10-jpeg}
 OUT=${2:-runs/bench-cpu}
 BIN=.venv/bin
 
-run() {  # run PRESET [extra args...]: train into $OUT/PRESET, record the wall time
-  local preset=$1; shift
+run() {  # run PRESET DIR [extra args...]: train into $OUT/DIR, record the wall time
+  local preset=$1 dir=$2; shift 2
   local start end
   local cache
   cache=$(mktemp -d)
   start=$(date +%s)
-  CONVNET_CACHE_DIR=$cache "$BIN/convnet" train --data "$DATA" --out "$OUT/$preset" \
+  CONVNET_CACHE_DIR=$cache "$BIN/convnet" train --data "$DATA" --out "$OUT/$dir" \
     --preset "$preset" "$@" >&2
   end=$(date +%s)
   rm -rf "$cache"
-  local vdir="$OUT/$preset/$(ls "$OUT/$preset" | grep -E '^[0-9]+$' | sort -n | tail -1)"
+  local vdir="$OUT/$dir/$(ls "$OUT/$dir" | grep -E '^[0-9]+$' | sort -n | tail -1)"
   echo $((end - start)) > "$vdir/wall_seconds"
   echo "$vdir"
 }
@@ -35,11 +36,13 @@ for preset in ${PRESETS:-fast quick tutorial}; do
     if [ -n "${quick:-}" ]; then
       budget=$(python3 -c "import json;print(json.load(open('$quick/metrics.json'))['train_seconds'])")
     fi
-    dirs+=("$(run tutorial --epochs 1000 --time-limit "$budget")")
+    dirs+=("$(run tutorial tutorial --epochs 1000 --time-limit "$budget")")
   else
-    dir=$(run "$preset")
-    [ "$preset" = quick ] && quick=$dir
-    dirs+=("$dir")
+    for seed in ${SEEDS:-0}; do
+      dir=$(run "$preset" "$preset-seed$seed" --seed "$seed")
+      [ "$preset" = quick ] && [ -z "${quick:-}" ] && quick=$dir
+      dirs+=("$dir")
+    done
   fi
 done
 "$BIN/python" bench/train_table.py "${dirs[@]}"

@@ -149,6 +149,14 @@ def test_too_small_for_a_batch_is_a_clear_error(dataset, tmp_path):
     assert result.exit_code == 2 and "fewer than one batch" in result.output
 
 
+@pytest.mark.parametrize(("preset", "batch"), [("quick", 512), ("fast", 1024)])
+def test_the_default_batch_size_is_the_presets(dataset, tmp_path, preset, batch):
+    result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out",
+                                       str(tmp_path / "m"), "--preset", preset])
+    assert result.exit_code == 2, result.output
+    assert f"fewer than one batch of {batch}" in result.output
+
+
 def test_batches_run_on_across_epochs_and_resume_where_they_stopped():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)

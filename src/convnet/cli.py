@@ -76,7 +76,8 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
               show_default=True)
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None,
               help="Default: the preset's. Fractions (e.g. 9.9) need the device loop.")
-@click.option("--batch-size", type=click.IntRange(1), default=1024, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Default: the preset's (quick 512 on model.fit, else 1024).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate, per 1024 examples.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=0.0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import keras
@@ -43,7 +44,7 @@ CHECKPOINT_DIR = ".checkpoint"  # inside the model root; hidden from version lis
 class TrainConfig:
     preset: str = "fast"
     epochs: float | None = None  # None: the preset's default; fractions need the device loop
-    batch_size: int = 1024
+    batch_size: int | None = None  # None: the preset's default for the loop (default_batch_size)
     lr: float = 11.5  # per 1024 examples, airbench units (summed loss, coupled weight decay)
     momentum: float = 0.85  # Nesterov
     weight_decay: float = 0.0153  # per 1024 examples, airbench units
@@ -68,6 +69,11 @@ PRESET_EPOCHS = {"fast": 8, "quick": 6, "tutorial": 20}
 # The device loop (JAX on a GPU) is fast enough that 12 epochs still beat airbench94's time
 # there (bench/gpu_train.py): more epochs, more accuracy.
 DEVICE_EPOCHS = {"fast": 12, "quick": 12}
+# Batch sizes for the fit loop on a CPU. quick takes twice the steps per epoch at 512: on 2 cores
+# an image costs the same at 512 as at 1024, and in a 6-epoch run the extra steps are worth about a
+# point (bench/results/cpu_train.md). The device loop keeps 1024, the size its GPU figures used.
+PRESET_BATCH = {"fast": 1024, "quick": 512, "tutorial": 1024}
+DEVICE_BATCH = 1024
 # The tutorial net has no BatchNorm; it trains with plain Adam like the original.
 TUTORIAL_LR = 1e-3
 
@@ -80,9 +86,9 @@ class Batches(keras.utils.PyDataset):
     images are augmented in one vectorised pass the first time a batch of it is asked for.
 
     Endless: batch i belongs to epoch first_epoch + i // steps_per_epoch, and fit() is given
-    `steps_per_epoch`. Keras then keeps one tf.data iterator for the whole run; with a finite
-    sequence it makes a new one every epoch, and on TensorFlow 2.21 that stalled for 30 to 40 s
-    with the CPU idle at the start of most epochs (measured: quick preset, 2 cores)."""
+    `steps_per_epoch`, so one iterator serves the whole run: with a finite sequence Keras makes
+    a new one every epoch, and on TensorFlow each switch could stall for 30 to 40 s with the
+    CPU idle (quick preset, 2 cores; the cause is in `tf_dataset`)."""
 
     def __init__(self, split: Split, cfg: TrainConfig, num_classes: int, epoch: int = 0):
         super().__init__()
@@ -114,6 +120,23 @@ class Batches(keras.utils.PyDataset):
     @property
     def num_batches(self):
         return None  # endless
+
+    def tf_dataset(self):
+        """The same endless batches as a tf.data pipeline with autotuning off, for fit() on
+        TensorFlow. The pipeline Keras builds from a PyDataset autotunes its prefetch, and the
+        autotuner's thread sleeps for up to a minute between passes; destroying the iterator
+        at the end of fit waits for it: 20 to 30 s with the CPU idle in 2 of 4 quick runs
+        (gdb: RootDataset::Iterator's destructor waiting on Model::OptimizeLoop)."""
+        import tensorflow as tf
+
+        size = self.cfg.batch_size
+        signature = (tf.TensorSpec((size, *self.split.images.shape[1:]), tf.uint8),
+                     tf.TensorSpec((size, self.num_classes), tf.float32))
+        dataset = tf.data.Dataset.from_generator(
+            lambda: (self[i] for i in itertools.count()), output_signature=signature)
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return dataset.prefetch(4).with_options(options)
 
     def __getitem__(self, i):
         epoch, i = divmod(i, self.steps_per_epoch)
@@ -374,6 +397,10 @@ def choose_loop(cfg: TrainConfig, *, resume: bool = False, tensorboard: str | No
     return "fit"
 
 
+def default_batch_size(preset: str, loop: str) -> int:
+    return DEVICE_BATCH if loop == "device" else PRESET_BATCH.get(preset, DEVICE_BATCH)
+
+
 def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
           test_split: Split | None = None, resume: bool = False,
           tensorboard: str | None = None, verbose: int = 1,
@@ -385,6 +412,8 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     keras.utils.set_random_seed(cfg.seed)
     out = Path(out)
     classes = train_split.classes
+    loop = choose_loop(cfg, resume=resume, tensorboard=tensorboard)
+    cfg = replace(cfg, batch_size=cfg.batch_size or default_batch_size(cfg.preset, loop))
     fit_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
     if len(fit_split) < cfg.batch_size:
         raise TrainError(f"{len(fit_split)} training images is fewer than one batch of "
@@ -393,7 +422,6 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
         raise TrainError(f"unknown precision {cfg.precision!r}: choose one of "
                          f"{', '.join(PRECISIONS)}")
     ckpt_dir = out / CHECKPOINT_DIR
-    loop = choose_loop(cfg, resume=resume, tensorboard=tensorboard)
     epochs = cfg.epochs or (DEVICE_EPOCHS if loop == "device" else PRESET_EPOCHS)[cfg.preset]
     if loop == "device":
         model, seconds, epochs = _device_fit(cfg, fit_split, epochs, ckpt_dir, verbose)
@@ -513,8 +541,9 @@ def _fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: in
     if val_split is not None:
         validation = (val_split.images, np.eye(len(classes), dtype="float32")[val_split.labels])
 
+    data = batches.tf_dataset() if keras.backend.backend() == "tensorflow" else batches
     fit_started = time.time()
-    history = model.fit(batches, epochs=epochs, initial_epoch=initial_epoch,
+    history = model.fit(data, epochs=epochs, initial_epoch=initial_epoch,
                         steps_per_epoch=batches.steps_per_epoch, validation_data=validation,
                         callbacks=callbacks, verbose=verbose)
     return model, history, fit_started
