@@ -172,3 +172,17 @@ def test_batches_run_on_across_epochs_and_resume_where_they_stopped():
     # every epoch draws a new order and new shifts; labels stay one-hot rows of the images' own
     assert not np.array_equal(run[0][0], run[3][0])
     assert run[0][1].shape == (32, 3) and (run[0][1].sum(axis=1) == 1).all()
+
+
+def test_the_tensorflow_pipeline_serves_the_same_batches_without_autotuning():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
+    split = training.Split(images, rng.integers(0, 3, 100), ["a", "b", "c"])
+    cfg = training.TrainConfig(batch_size=32, seed=7)
+    dataset = training.Batches(split, cfg, 3).tf_dataset()
+    # the autotuner's thread is what stalled the end of fit: it must not run
+    assert dataset.options().autotune.enabled is False
+    expected = training.Batches(split, cfg, 3)
+    for i, (x, y) in enumerate(dataset.take(7)):  # across two epoch boundaries
+        np.testing.assert_array_equal(x.numpy(), expected[i][0])
+        np.testing.assert_array_equal(y.numpy(), expected[i][1])
