@@ -545,6 +545,7 @@ def _fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: in
     fit_started = time.time()
     history = model.fit(data, epochs=epochs, initial_epoch=initial_epoch,
                         steps_per_epoch=batches.steps_per_epoch, validation_data=validation,
+                        shuffle=False,  # Batches shuffles
                         callbacks=callbacks, verbose=verbose)
     return model, history, fit_started
 
