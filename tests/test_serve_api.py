@@ -92,8 +92,6 @@ def png_missing_rows() -> bytes:
 
 
 RED = image_bytes((255, 0, 0))
-
-
 BAD_REQUESTS = {
     # id: (post kwargs, status, words the message must contain)
     "empty raw body": (dict(data=b"", content_type="image/png"), 400, "empty"),

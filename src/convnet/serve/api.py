@@ -22,8 +22,7 @@ UPLOAD_FIELD = "file"
 
 
 def _multipart_blobs() -> list[bytes]:
-    # A browser submits an empty, nameless part when no file was chosen: that is "no image".
-    blobs = [data for name, data in form_files(UPLOAD_FIELD, max_parts()) if data or name]
+    blobs = [data for _, data in form_files(UPLOAD_FIELD, max_parts())]
     if not blobs:
         raise ApiError(
             f"no image in the form: send each image as a file field named {UPLOAD_FIELD!r}"

@@ -1,7 +1,7 @@
 """Reading request bodies: in memory only, size-capped, JSON parsed with clear 400s.
 
-Nothing a client sends is written to disk: Werkzeug spools multipart files over 500 kB to a
-temporary file by default, and MAX_CONTENT_LENGTH (10 MB) already bounds what we hold in memory.
+Nothing a client sends is written to disk: bodies are read whole into memory, which
+MAX_CONTENT_LENGTH (10 MB) bounds.
 
 Multipart uploads are read with the `multipart` package's push parser rather than Werkzeug's form
 parser: Werkzeug compiles two regular expressions for every new boundary, and clients draw a
@@ -88,7 +88,8 @@ def read_json_body(accepted: tuple[str, ...] = JSON_COMPATIBLE_TYPES):
 
 def form_files(field: str, max_parts: int) -> list[tuple[str, bytes]]:
     """(file name, content) of every part named `field` of a multipart/form-data body, in
-    order; ApiError 400 for a malformed body or more than `max_parts` parts in all."""
+    order, leaving out empty nameless parts (what a browser sends when no file was chosen);
+    ApiError 400 for a malformed body or more than `max_parts` parts in all."""
     boundary = request.mimetype_params.get("boundary")
     if not boundary:
         raise ApiError("multipart/form-data without a boundary in its Content-Type header")
@@ -103,7 +104,7 @@ def form_files(field: str, max_parts: int) -> list[tuple[str, bytes]]:
                 if isinstance(event, multipart.MultipartSegment):
                     chunks, name = ([] if event.name == field else None), event.filename or ""
                 elif event is None:
-                    if chunks is not None:
+                    if chunks is not None and (chunks or name):
                         files.append((name, b"".join(chunks)))
                 elif chunks is not None:
                     chunks.append(event)

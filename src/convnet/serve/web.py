@@ -69,8 +69,7 @@ def index():
 @bp.post("/")
 def classify_form():
     model = get_model()
-    uploads = [(name, data) for name, data in form_files(UPLOAD_FIELD, max_parts())
-               if data or name]
+    uploads = form_files(UPLOAD_FIELD, max_parts())
     if not uploads:
         raise ApiError("choose one or more images first")
     check_count(len(uploads), max_images())
