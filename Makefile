@@ -36,6 +36,7 @@ serve: $(VENV)/.core
 
 test: $(VENV)/.full system-deps
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 train: $(VENV)/.full
@@ -43,6 +44,7 @@ train: $(VENV)/.full
 
 lint: $(VENV)/.full
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -7,6 +7,7 @@
 #
 #   bash bench/cpu_train.sh [DATA_DIR] [OUT_DIR]
 #   PRESETS="quick tutorial" picks presets; SEEDS="0 1 2" trains fast and quick once per seed
+#   RESULTS=name writes bench/results/NAME.md and .json (default cpu_train_<presets>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/cifar10-jpeg}
@@ -45,4 +46,6 @@ for preset in ${PRESETS:-fast quick tutorial}; do
     done
   fi
 done
-"$BIN/python" bench/train_table.py "${dirs[@]}"
+presets=${PRESETS:-fast quick tutorial}
+"$BIN/python" bench/train_table.py --out "bench/results/${RESULTS:-cpu_train_${presets// /_}}" \
+  --command "SEEDS=\"${SEEDS:-0}\" PRESETS=\"$presets\" bash bench/cpu_train.sh $*" "${dirs[@]}"

@@ -6,6 +6,7 @@ and requests per second. Client and server share the machine, so this is the lat
 sees, not the server's throughput.
 
     python bench/serve_latency.py                          # bundled model, 1,000 requests
+    (writes bench/results/serve_latency.md and .json; --out '' writes nothing)
     python bench/serve_latency.py --model runs/cifar10 --requests 200
 """
 
@@ -15,10 +16,7 @@ import argparse
 import http.client
 import io
 import json
-import os
-import platform
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -27,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, free_port, machine, write_results
 from PIL import Image
 
 CIFAR_TEST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg" / \
@@ -53,12 +52,6 @@ def multipart(image: bytes) -> bytes:
     return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
             f"filename=\"image.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode() + image + \
         f"\r\n--{BOUNDARY}--\r\n".encode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: str | None, port: int, workers: int, threads: int, log) -> subprocess.Popen:
@@ -117,6 +110,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests first")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--out", default=str(RESULTS / "serve_latency"),
+                        help="results path without suffix (.md and .json); '' to skip")
     args = parser.parse_args()
 
     image, source = sample_jpeg()
@@ -142,17 +137,22 @@ def main() -> None:
 
     ms = times * 1000
     model = ready["model"]
-    print(f"model     {model['name']} version {model['version']} ({model['path']})")
-    print(f"image     {source}, {len(image)} bytes, multipart upload")
-    print(f"server    gunicorn, {args.workers} workers x {args.threads} threads, 127.0.0.1")
-    print(f"machine   {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}")
-    print()
-    print("| requests | p50 ms | p99 ms | mean ms | max ms | requests/s |")
-    print("|---------:|-------:|-------:|--------:|-------:|-----------:|")
-    print(f"| {len(ms):8d} | {np.percentile(ms, 50):6.2f} | {np.percentile(ms, 99):6.2f} | "
-          f"{ms.mean():7.2f} | {ms.max():6.2f} | {len(ms) / elapsed:10.1f} |")
-
+    facts = [f"model: {model['name']} version {model['version']}",
+             f"image: {source}, {len(image)} bytes, multipart upload, one per request, "
+             f"sequential, one keep-alive connection, {args.warmup} untimed first",
+             f"server: gunicorn, {args.workers} workers x {args.threads} threads, 127.0.0.1 "
+             f"(client on the same machine)"]
+    row = {"requests": len(ms), "p50_ms": float(np.percentile(ms, 50)),
+           "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+           "max_ms": float(ms.max()), "requests_per_s": len(ms) / elapsed}
+    table = ("| requests | p50 ms | p99 ms | mean ms | max ms | requests/s |\n"
+             "|---------:|-------:|-------:|--------:|-------:|-----------:|\n"
+             f"| {row['requests']:8d} | {row['p50_ms']:6.2f} | {row['p99_ms']:6.2f} | "
+             f"{row['mean_ms']:7.2f} | {row['max_ms']:6.2f} | {row['requests_per_s']:10.1f} |")
+    print("\n".join(facts) + f"\nmachine: {machine()}\n\n{table}")
+    if args.out:
+        write_results(Path(args.out), "Latency of one request (`bench/serve_latency.py`)", table,
+                      {"result": row}, notes=tuple(facts))
 
 if __name__ == "__main__":
     main()

@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from common import free_port
 from loadgen import multipart_request, run_phase
 from PIL import Image
 
@@ -76,12 +76,6 @@ class Target:
     env: dict = field(default_factory=dict)
     port: int = 0
     host: str = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_images(count: int) -> list[bytes]:

@@ -210,17 +210,3 @@ def live_server_factory(tmp_path):
     yield start
     for server in servers:
         server.stop()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height but carries no pixels: a decompression bomb's
-    calling card, refused from the header alone."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")

@@ -98,6 +98,21 @@ def test_image_folder_archive_and_flat_layout(tmp_path):
     assert list(splits) == ["train"] and len(splits["train"]) == 6
 
 
+def test_plain_tar_image_folder_reads_as_the_gzipped_one(tmp_path):
+    import tarfile
+
+    root = write_image_folder(tmp_path / "ds", per_class=3, num_classes=3)
+    with tarfile.open(tmp_path / "plain.tar", "w") as tar:  # no compression
+        tar.add(root, arcname="shapes")
+    plain = load_dataset(tmp_path / "plain.tar", cache=False)
+    gzipped = load_dataset(tar_folder(root, tmp_path / "g.tar.gz", "shapes"), cache=False)
+    assert set(plain) == {"train", "test"}
+    for name in plain:
+        np.testing.assert_array_equal(plain[name].images, gzipped[name].images)
+        np.testing.assert_array_equal(plain[name].labels, gzipped[name].labels)
+        assert plain[name].classes == CLASSES[:3]
+
+
 def test_any_size_and_mode_becomes_rgb_32(tmp_path):
     from PIL import Image
 

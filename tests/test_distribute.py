@@ -79,8 +79,12 @@ def test_jax_backend_data_parallel_and_export_on_tensorflow(tmp_path):
     # trained on the GPU machine would be exported here.
     from convnet.cli import main
 
+    # The published version stays as it is; the export is published as the next version.
     version = result["True"][2]
     assert not os.path.exists(os.path.join(version, "model.onnx"))
     out = CliRunner().invoke(main, ["export", "--model", version, "--format", "onnx"])
     assert out.exit_code == 0, out.output
-    assert os.path.exists(os.path.join(version, "model.onnx"))
+    following = os.path.join(os.path.dirname(version), str(int(os.path.basename(version)) + 1))
+    assert out.output.strip() == os.path.join(following, "model.onnx")
+    assert os.path.exists(os.path.join(following, "model.onnx"))
+    assert not os.path.exists(os.path.join(version, "model.onnx"))

@@ -242,3 +242,9 @@ def test_cli_download_and_checksum_failure(server, tmp_path):
     assert result.exit_code == 2
     assert "MD5" in result.output and "c58f30108f718f92721af3b95e74349a" in result.output
     assert not list((tmp_path / "b").iterdir())
+
+
+def test_progress_stays_out_of_a_log(server, tmp_path, sleeps, capsys):
+    # pytest's captured stderr is no terminal, as a CI log or nohup.out is not
+    fetch(server, tmp_path / "data", sleeps, progress=True)
+    assert capsys.readouterr().err == ""

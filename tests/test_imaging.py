@@ -1,3 +1,4 @@
+import contextlib
 import io
 
 import numpy as np
@@ -12,11 +13,15 @@ def _image(size, mode="RGB", color=(10, 200, 30)):
     return Image.new(mode, size, color if mode == "RGB" else None)
 
 
+def encode_image(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
 def test_allowed_formats_decode_to_uint8_32(fmt):
-    buf = io.BytesIO()
-    _image((50, 40)).save(buf, format=fmt)
-    out = decode_image(buf.getvalue())
+    out = decode_image(encode_image(_image((50, 40)), fmt))
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
@@ -52,8 +57,64 @@ def test_bad_images(payload, message):
 
 
 def test_pixel_limit_checked_from_header():
-    buf = io.BytesIO()
-    Image.new("L", (3000, 3000)).save(buf, format="PNG")
     with pytest.raises(ImageError, match="too large") as err:
-        decode_image(buf.getvalue(), max_pixels=1_000_000)
+        decode_image(encode_image(Image.new("L", (3000, 3000)), "PNG"), max_pixels=1_000_000)
     assert err.value.status == 413
+
+
+def test_transparency_is_composited_onto_white():
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 0] = np.arange(32)[:, None] * 8  # red ramp down the rows
+    rgba[..., 3] = np.arange(32)[None, :] * 8  # alpha ramp across the columns
+    image = Image.fromarray(rgba, "RGBA")
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    expected = np.asarray(Image.alpha_composite(white, image).convert("RGB"))
+    np.testing.assert_array_equal(decode_image(encode_image(image, "PNG")), expected)
+
+
+class Recorder:
+    """A `reserve` for decode_image that records what it was asked for and whether it was let go."""
+
+    def __init__(self):
+        self.asked: list[int] = []
+        self.held = 0
+
+    @contextlib.contextmanager
+    def reserve(self, pixels: int):
+        self.asked.append(pixels)
+        self.held += pixels
+        try:
+            yield
+        finally:
+            self.held -= pixels
+
+
+@pytest.mark.parametrize("fmt,charged", [("PNG", 4000 * 3000), ("JPEG", 500 * 375)])
+def test_reserve_is_asked_for_the_pixels_actually_decoded(fmt, charged):
+    """JPEG decodes at 1/8 scale here, so it costs 1/64 of its header's pixels."""
+    recorder = Recorder()
+    data = encode_image(Image.new("L", (4000, 3000)), fmt)
+    assert decode_image(data, reserve=recorder.reserve).shape == (32, 32, 3)
+    assert recorder.asked == [charged] and recorder.held == 0
+
+
+def test_reserve_is_let_go_when_decoding_fails():
+    recorder = Recorder()
+    data = encode_image(Image.new("RGB", (64, 64)), "PNG")
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        decode_image(data[: len(data) - 20], reserve=recorder.reserve)
+    assert recorder.asked == [64 * 64] and recorder.held == 0
+
+
+def test_what_reserve_raises_propagates_before_any_pixel_is_decoded():
+    class Full(Exception):
+        pass
+
+    def refuse(pixels):
+        raise Full(pixels)
+
+    with pytest.raises(Full):
+        decode_image(encode_image(Image.new("RGB", (64, 64)), "PNG"), reserve=refuse)
+    with pytest.raises(ImageError, match="too large"):  # the header check comes first
+        decode_image(encode_image(Image.new("L", (200, 200)), "PNG"), max_pixels=100,
+                     reserve=refuse)

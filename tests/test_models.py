@@ -13,10 +13,19 @@ def test_build_takes_uint8_and_returns_logits(preset):
     assert tuple(model(x, training=False).shape) == (2, 7)
 
 
-def test_fast_is_airbench_sized():
-    model = models.build("fast", 10)
-    assert 1.5e6 < model.count_params() < 2.5e6  # airbench94: about 2M parameters
-    assert models.count_flops(model) > 2e8  # forward FLOPs per image: 236 M
+# The README's table states these figures; a change to a network must change them there too.
+@pytest.mark.parametrize("preset, params, flops", [
+    ("fast", 1_973_944, 236_294_720),  # airbench94's widths (64, 256, 256): about 2M parameters
+    ("quick", 295_544, 39_774_784),
+    # the tutorial's, by hand: kernels 5*5*3*4 + 7*7*4*3 + 5*5*3*2, dense 450*200 + 200*10;
+    # multiply-adds 28*28*4*75 + 21*21*3*196 + 16*16*2*75 + 92,000, twice
+    ("tutorial", 300 + 588 + 150 + 90_000 + 2_000,
+     2 * (28 * 28 * 4 * 75 + 21 * 21 * 3 * 196 + 16 * 16 * 2 * 75 + 92_000)),
+])
+def test_parameter_and_flop_counts(preset, params, flops):
+    model = models.build(preset, 10)
+    assert model.count_params() == params
+    assert models.count_flops(model) == flops
 
 
 def test_tutorial_layers_match_the_tutorial():

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 
-import numpy as np
 import pytest
-from conftest import CIFAR10_LABELS, image_bytes, png_header_only
-from hostile_inputs import browser_form
-from PIL import Image
+from conftest import CIFAR10_LABELS, image_bytes
+from hostile_inputs import browser_form, noise_png, png
 
 from convnet.serve import create_app
 
@@ -70,25 +66,8 @@ def test_large_photo_is_cropped_and_resized(client):
 
 
 def truncated_png() -> bytes:
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(noise).save(buffer, format="PNG")
-    data = buffer.getvalue()
+    data = noise_png()
     return data[: len(data) // 2]
-
-
-def png_missing_rows() -> bytes:
-    """A well-formed PNG whose (complete, valid) zlib stream holds only half the rows: Pillow
-    alone would decode it, zero-filling the rest."""
-    raw = b"".join(b"\x00" + bytes([200, 0, 0]) * 64 for _ in range(32))  # 32 of 64 rows
-    header = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
 
 
 RED = image_bytes((255, 0, 0))
@@ -98,12 +77,14 @@ BAD_REQUESTS = {
     "text sent as jpeg": (dict(data=b"hello, world", content_type="image/jpeg"), 400,
                           "not a supported image"),
     "truncated png": (dict(data=truncated_png(), content_type="image/png"), 400, "truncated"),
-    "png missing rows": (dict(data=png_missing_rows(), content_type="image/png"), 400,
-                         "pixel data ends early"),
+    # A well-formed PNG whose (complete, valid) zlib stream holds only half the rows: Pillow
+    # alone would decode it, zero-filling the rest.
+    "png missing rows": (dict(data=png(64, 64, color_type=2, bit_depth=8, rows=32),
+                              content_type="image/png"), 400, "pixel data ends early"),
     "svg is not allowed": (dict(data=b"<svg xmlns='http://www.w3.org/2000/svg'/>",
                                 content_type="image/svg+xml"), 400, "not a supported image"),
-    "decompression bomb": (dict(data=png_header_only(100_000, 100_000),
-                                content_type="image/png"), 413, "too large"),
+    "decompression bomb": (dict(data=png(100_000, 100_000, rows=0), content_type="image/png"),
+                           413, "too large"),
     "bad base64": (dict(json={"instances": [{"b64": "not base64!!"}]}), 400, "base64"),
     "b64 not a string": (dict(json={"instances": [{"b64": 42}]}), 400, "string"),
     "instance without b64": (dict(json={"instances": [{"data": "x"}]}), 400, "b64"),
@@ -201,12 +182,10 @@ def test_uploads_never_touch_the_disk(client, monkeypatch):
     # its own imported TemporaryFile.
     monkeypatch.setattr(tempfile, "TemporaryFile", no_disk)
     monkeypatch.setattr(werkzeug.formparser, "TemporaryFile", no_disk, raising=False)
-    noise = np.random.default_rng(1).integers(0, 256, (600, 600, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(noise).save(buffer, format="PNG")  # ~1 MB: over Werkzeug's 500 kB spool
+    noisy = noise_png(600, seed=1)  # ~1 MB: over Werkzeug's 500 kB spool
     # The body is built here: the test client would spool a big one to disk on its own side.
     body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="noise.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n" + buffer.getvalue() + b"\r\n--b--\r\n")
+            b"Content-Type: image/png\r\n\r\n" + noisy + b"\r\n--b--\r\n")
     response = client.post(URL, data=body, content_type="multipart/form-data; boundary=b")
     assert response.status_code == 200
 

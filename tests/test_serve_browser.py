@@ -5,7 +5,7 @@ form with JavaScript off."""
 from __future__ import annotations
 
 import base64
-import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -159,5 +159,8 @@ def test_form_without_javascript(browser, server, files):
     context.close()
 
 
-def test_chromium_is_the_debian_one():
-    assert shutil.which("chromium") or CHROMIUM.exists()
+def test_the_browser_is_the_debian_chromium(browser):
+    """Playwright drove /usr/bin/chromium, not a browser of its own download."""
+    found = subprocess.run([str(CHROMIUM), "--version"], capture_output=True, text=True,
+                           timeout=30).stdout
+    assert browser.version and f"Chromium {browser.version} " in found, (browser.version, found)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
+
+import pytest
+from conftest import write_version
 
 from convnet.serve import DEFAULTS, create_app
 
@@ -17,7 +21,7 @@ def test_readyz(client, model_root):
     body = response.get_json()
     assert body["ready"] is True and body["refused"] == []
     assert body["model"]["name"] == "cifar10" and body["model"]["version"] == 1
-    assert body["model"]["path"] == str(model_root / "1")
+    assert "path" not in body["model"]
 
 
 def test_readyz_without_model(tmp_path):
@@ -28,6 +32,40 @@ def test_readyz_without_model(tmp_path):
     assert "holds no model version yet" in response.get_json()["reason"]
     assert client.get("/v2/health/ready").status_code == 503
     assert client.get("/healthz").status_code == 200
+
+
+# Every GET a client can make, and POSTs that reach the version and model checks.
+LEAK_PROBES = [
+    ("GET", "/readyz"), ("GET", "/"), ("GET", "/metrics"), ("GET", "/openapi.json"),
+    ("GET", "/v1/models/cifar10"), ("GET", "/v1/models/cifar10/versions/2"),
+    ("GET", "/v1/models/cifar10/versions/3/metadata"), ("GET", "/v2/models/cifar10/versions/2"),
+    ("GET", "/v2/models/cifar10/versions/3/ready"), ("GET", "/v2/health/ready"),
+    ("POST", "/v1/models/cifar10/versions/2:predict"), ("POST", "/v2/models/cifar10/infer"),
+    ("POST", "/api/v1/predict"), ("POST", "/"),
+]
+
+
+@pytest.mark.parametrize("serving", [True, False], ids=["v1 serving", "nothing serving"])
+def test_no_answer_reveals_paths_or_library_errors(tmp_path, caplog, serving):
+    """Versions 2 (ONNX Runtime's error names the file) and 3 (no labels) are refused; clients
+    learn the model name, the versions and a short reason, the log learns where and why."""
+    root = tmp_path / "cifar10"
+    if serving:
+        write_version(root, 1)
+    write_version(root, 2, onnx_bytes=b"not a model")
+    (write_version(root, 3) / "labels.json").unlink()
+    with caplog.at_level(logging.INFO, logger="convnet.serve"):
+        client = create_app({"MODEL_DIR": str(root), "RELOAD_INTERVAL": 0}).test_client()
+    for method, url in LEAK_PROBES:
+        response = client.open(url, method=method, json={"instances": []})
+        text = response.get_data(as_text=True)
+        assert str(tmp_path) not in text and "ONNXRuntimeError" not in text, (url, text[:500])
+    readyz = client.get("/readyz").get_json()
+    assert [(r["version"], r["reason"]) for r in readyz["refused"]] == [
+        (2, "ONNX Runtime cannot load model.onnx"), (3, "labels.json is missing or invalid")]
+    if not serving:
+        assert readyz["reason"] == "version 2 was refused: ONNX Runtime cannot load model.onnx"
+    assert str(root / "2") in caplog.text and "ONNXRuntimeError" in caplog.text
 
 
 def sample(text: str, name: str, **labels) -> float:

@@ -32,7 +32,7 @@ def float_input_model() -> bytes:
 
 BROKEN_VERSIONS = {
     # id: (write_version kwargs, words in the reason)
-    "garbage onnx": (dict(onnx_bytes=b"not a model"), "ONNX Runtime cannot load it"),
+    "garbage onnx": (dict(onnx_bytes=b"not a model"), "ONNX Runtime cannot load model.onnx"),
     "fewer outputs than labels": (dict(weights=np.ones((3, 5), np.float32)), "output shape"),
     "float input": (dict(onnx_bytes=float_input_model()), "expected tensor(uint8)"),
     "labels not strings": (dict(labels=[1, 2, 3]), "labels.json"),
@@ -167,7 +167,8 @@ def test_hot_swap_under_load_and_broken_version_refused(fresh_root, red_png):
     readyz = client.get("/readyz").get_json()
     assert readyz["ready"] and readyz["model"]["version"] == 2
     (refusal,) = readyz["refused"]
-    assert refusal["version"] == 3 and "ONNX Runtime cannot load it" in refusal["reason"]
+    assert refusal == {"version": 3, "reason": "ONNX Runtime cannot load model.onnx",
+                       "at": refusal["at"]}
     assert client.get("/").status_code == 200 and "90.0%" in client.get("/").text
     metrics = client.get("/metrics").text
     assert 'convnet_model_loads_total{result="refused"} 1.0' in metrics

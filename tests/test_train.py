@@ -1,5 +1,7 @@
-"""End to end: train on a few hundred synthetic images, export, evaluate, predict, resume."""
+"""End to end: train on a few hundred synthetic images, export, evaluate, predict, resume; and the
+training options' promises (time limit, validation split, test file, precision, seeds)."""
 
+import csv
 import json
 
 import numpy as np
@@ -11,7 +13,6 @@ keras = pytest.importorskip("keras")
 from convnet import modeldir  # noqa: E402
 from convnet import train as training  # noqa: E402
 from convnet.cli import main  # noqa: E402
-from convnet.data import load_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,8 @@ def dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(dataset, tmp_path_factory):
-    """One CLI training run shared by the tests below."""
+def trained_run(dataset, tmp_path_factory):
+    """One CLI training run shared by the tests below: (model root, what it printed)."""
     out = tmp_path_factory.mktemp("models") / "shapes"
     tb = out.parent / "tb"
     result = CliRunner().invoke(main, [
@@ -31,7 +32,12 @@ def trained(dataset, tmp_path_factory):
         "--epochs", "2", "--batch-size", "32", "--tensorboard", str(tb), "--no-cache",
     ])
     assert result.exit_code == 0, result.output
-    return out
+    return out, result.output
+
+
+@pytest.fixture(scope="module")
+def trained(trained_run):
+    return trained_run[0]
 
 
 def test_train_writes_a_complete_version(trained):
@@ -46,6 +52,14 @@ def test_train_writes_a_complete_version(trained):
     assert set(metrics["per_class_accuracy"]) == {"airplane", "automobile", "bird"}
     assert metrics["hardware"]["cpu_count"] >= 1 and metrics["backend"] == "tensorflow"
     assert list((trained.parent / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_output_not_on_a_terminal_is_one_line_per_epoch(trained_run):
+    _, output = trained_run
+    assert "\x1b" not in output and "\r" not in output  # no colours, no redrawn bar
+    epochs = [line for line in output.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]
+    assert all("loss" in line and "accuracy" in line for line in epochs)
 
 
 def test_evaluate_json_matches_metrics(trained, dataset, tmp_path):
@@ -107,26 +121,6 @@ def test_export_onnx_and_saved_model(trained, tmp_path):
     assert result.exit_code == 0 and (tmp_path / "m.onnx").is_file()
 
 
-def test_interrupt_then_resume(dataset, tmp_path):
-    splits = load_dataset(dataset, cache=False)
-    cfg = training.TrainConfig(preset="quick", epochs=2, batch_size=32, tta=False)
-
-    class Interrupt(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            raise KeyboardInterrupt
-
-    out = tmp_path / "m"
-    with pytest.raises(KeyboardInterrupt):
-        training.train(cfg, splits["train"], out, callbacks=(Interrupt(),), verbose=0)
-    state = json.loads((out / ".checkpoint" / "state.json").read_text())
-    assert state["epochs_done"] == 1 and not modeldir.list_versions(out)
-    version = training.train(cfg, splits["train"], out, test_split=splits["test"],
-                             resume=True, verbose=0)
-    assert version.name == "1"
-    log_rows = (version / "log.csv").read_text().strip().splitlines()
-    assert len(log_rows) == 3  # header + epoch 1 (first run) + epoch 2 (resumed)
-
-
 def test_second_run_writes_next_version(trained, dataset):
     before = (trained / "1" / "model.onnx").read_bytes()
     result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out", str(trained),
@@ -157,32 +151,175 @@ def test_the_default_batch_size_is_the_presets(dataset, tmp_path, preset, batch)
     assert f"fewer than one batch of {batch}" in result.output
 
 
-def test_batches_run_on_across_epochs_and_resume_where_they_stopped():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
-    split = training.Split(images, rng.integers(0, 3, 100), ["a", "b", "c"])
-    cfg = training.TrainConfig(batch_size=32, seed=5)
-    batches = training.Batches(split, cfg, 3)
-    assert batches.steps_per_epoch == 3 and batches.num_batches is None  # endless
-    run = [batches[i] for i in range(9)]  # three epochs in one sequence
-    resumed = training.Batches(split, cfg, 3, epoch=2)
-    for i in range(3):
-        np.testing.assert_array_equal(resumed[i][0], run[6 + i][0])
-        np.testing.assert_array_equal(resumed[i][1], run[6 + i][1])
-    # every epoch draws a new order and new shifts; labels stay one-hot rows of the images' own
-    assert not np.array_equal(run[0][0], run[3][0])
-    assert run[0][1].shape == (32, 3) and (run[0][1].sum(axis=1) == 1).all()
+def log_rows(version) -> list[dict]:
+    with open(version / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
-def test_the_tensorflow_pipeline_serves_the_same_batches_without_autotuning():
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8)
-    split = training.Split(images, rng.integers(0, 3, 100), ["a", "b", "c"])
-    cfg = training.TrainConfig(batch_size=32, seed=7)
-    dataset = training.Batches(split, cfg, 3).tf_dataset()
-    # the autotuner's thread is what stalled the end of fit: it must not run
-    assert dataset.options().autotune.enabled is False
-    expected = training.Batches(split, cfg, 3)
-    for i, (x, y) in enumerate(dataset.take(7)):  # across two epoch boundaries
-        np.testing.assert_array_equal(x.numpy(), expected[i][0])
-        np.testing.assert_array_equal(y.numpy(), expected[i][1])
+@pytest.fixture(scope="module")
+def short_run(dataset, tmp_path_factory):
+    """One CLI run with a time limit too short for a second epoch, a validation split and a
+    separate test file of 15 images (the dataset's own test split has 180)."""
+    root = tmp_path_factory.mktemp("short")
+    write_image_folder(root / "test-src", splits=("test",), per_class=5, num_classes=3, seed=7)
+    test_file = tar_folder(root / "test-src", root / "test.tar.gz", "t")
+    out = root / "out"
+    result = CliRunner().invoke(main, [
+        "train", "--data", str(dataset), "--test-data", str(test_file), "--out", str(out),
+        "--preset", "quick", "--epochs", "3", "--batch-size", "32", "--no-tta",
+        "--time-limit", "0.001", "--val-split", "0.25", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    return out / "1", result.output
+
+
+def test_time_limit_stops_early_and_still_publishes(short_run):
+    version, _ = short_run
+    metrics = json.loads((version / "metrics.json").read_text())
+    assert metrics["epochs"] == 1  # of 3 asked for
+    assert len(log_rows(version)) == 1
+    assert (version / "model.onnx").is_file() and "accuracy" in metrics
+
+
+def test_val_split_holds_images_out_and_reports_them_every_epoch(short_run):
+    version, output = short_run
+    metrics = json.loads((version / "metrics.json").read_text())
+    assert metrics["num_train"] == 180 - 45  # a quarter of 180 held out
+    row = log_rows(version)[0]
+    assert 0 <= float(row["val_accuracy"]) <= 1 and float(row["val_loss"]) > 0
+    assert "val_accuracy" in output
+
+
+def test_test_data_scores_on_that_file(short_run):
+    version, _ = short_run
+    metrics = json.loads((version / "metrics.json").read_text())
+    assert metrics["num_test"] == 15  # not the dataset's test split, not the validation images
+
+
+class TimeLimitClock:
+    """A clock the test moves by hand, for TimeLimit."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_time_limit_stops_at_the_last_epoch_that_fits():
+    from convnet.train.fit_loop import TimeLimit
+
+    clock = TimeLimitClock()
+    limit = TimeLimit(25, clock=clock)
+    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    limit.model.stop_training = False
+    limit.on_train_begin()
+    ran = 0
+    for epoch in range(10):
+        limit.on_epoch_begin(epoch)
+        clock.now += 10
+        limit.on_epoch_end(epoch)
+        ran += 1
+        if limit.model.stop_training:
+            break
+    assert ran == 2  # a third would end at 30 s, past 25
+
+
+def test_bfloat16_precision_computes_in_bfloat16_on_fit_and_publishes_float32(tmp_path):
+    from synthetic import make_images
+
+    images, labels = make_images(64, 3)
+    split = training.Split(images, labels, ["a", "b", "c"])
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if not seen:
+                conv = next(la for la in self.model.layers
+                            if isinstance(la, keras.layers.Conv2D) and la.name != "whiten")
+                inside = keras.Model(self.model.inputs[0], conv.output)
+                seen["policy"] = self.model.dtype_policy.name
+                seen["output"] = str(inside(images[:2]).dtype)
+                seen["kernel"] = str(conv.kernel.dtype)
+
+    cfg = training.TrainConfig(preset="quick", epochs=1, batch_size=32, tta=False,
+                               precision="bfloat16")
+    version = training.train(cfg, split, tmp_path / "m", callbacks=(Probe(),), verbose=0)
+    assert seen["policy"] == "mixed_bfloat16"
+    assert "bfloat16" in seen["output"] and "float32" in seen["kernel"]
+    published = keras.models.load_model(version / "model.keras", compile=False)
+    assert published.dtype_policy.name == "float32"
+    assert json.loads((version / "metrics.json").read_text())["onnx_max_abs_diff"] <= 1e-4
+
+
+# --- seeds and --resume -----------------------------------------------------------------------
+
+RESUME_CFG = training.TrainConfig(preset="quick", epochs=5, batch_size=32, tta=False)
+INTERRUPT_AFTER = 4  # epochs; the stem froze at the start of the 4th (optim.WHITEN_BIAS_EPOCHS)
+# Resuming restores weights, optimizer, lookahead average and data order, and TensorFlow's CPU
+# kernels are deterministic for a fixed input, so the runs agree to the bit; the tolerance only
+# leaves room for a platform whose kernels are not.
+RESUME_TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def resume_split():
+    from synthetic import make_images
+
+    images, labels = make_images(128, 3)
+    return training.Split(images, labels, ["a", "b", "c"])
+
+
+def final_weights(version) -> list[np.ndarray]:
+    return keras.models.load_model(version / "model.keras", compile=False).get_weights()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(resume_split, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return final_weights(training.train(RESUME_CFG, resume_split, out, verbose=0))
+
+
+def test_a_seed_repeats_a_run_exactly(uninterrupted, resume_split, tmp_path):
+    again = final_weights(training.train(RESUME_CFG, resume_split, tmp_path, verbose=0))
+    for a, b in zip(uninterrupted, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def state_of(model) -> dict[str, list[np.ndarray]]:
+    return {"weights": model.get_weights(),
+            "optimizer": [v.numpy().copy() for v in model.optimizer.variables]}
+
+
+def test_resume_restores_the_checkpoint_and_ends_where_an_uninterrupted_run_ends(
+        uninterrupted, resume_split, tmp_path):
+    at_interrupt, at_resume = {}, {}
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == INTERRUPT_AFTER:
+                at_interrupt.update(state_of(self.model))
+                raise KeyboardInterrupt
+
+    class Resumed(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            at_resume.update(state_of(self.model))
+
+    out = tmp_path / "m"
+    with pytest.raises(KeyboardInterrupt):
+        training.train(RESUME_CFG, resume_split, out, callbacks=(Interrupt(),), verbose=0)
+    assert not modeldir.list_versions(out)
+    version = training.train(RESUME_CFG, resume_split, out, resume=True,
+                             callbacks=(Resumed(),), verbose=0)
+
+    # the resumed model starts from the checkpoint, not from fresh weights or a fresh optimizer
+    for part in ("weights", "optimizer"):
+        assert len(at_resume[part]) == len(at_interrupt[part]), part
+        for a, b in zip(at_interrupt[part], at_resume[part], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=part)
+    steps = 128 // 32
+    assert int(at_resume["optimizer"][0]) == INTERRUPT_AFTER * steps  # the step count
+    # and finishes where the uninterrupted run with the same seed finished
+    for a, b in zip(uninterrupted, final_weights(version), strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=RESUME_TOLERANCE)
+    assert [int(r["epoch"]) for r in log_rows(version)] == [0, 1, 2, 3, 4]
+    assert version.name == "1"

@@ -1,7 +1,8 @@
 """Bounded traffic against a real server on 127.0.0.1, and a look at its processes.
 
 `send` speaks raw HTTP on its own connection, reading the answer while the body is still being
-written, so a server that answers early (a 413) and closes is seen answering, not as a reset.
+written, so a server that answers early (a 413) and closes is seen answering, not as a reset;
+`send_chunked` does the same with a chunked body of any length, even endless.
 `run_load` keeps `concurrency` threads busy for at most `duration` seconds and `max_requests`
 requests, recording every outcome. Used by the hostile-input, fault and nginx tests.
 """
@@ -14,7 +15,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,30 +25,65 @@ from hostile_inputs import Probe
 REQUEST_TIMEOUT = 30.0  # seconds for any one request
 
 
-def _send_all(sock: socket.socket, data: bytes) -> None:
-    try:
-        sock.sendall(data)
-    except OSError:
-        pass  # the server answered and closed before taking all of it: the answer is what counts
+@dataclass
+class Answer:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+    sent: int  # body bytes the client got to send: a server may answer before reading them all
+    send_error: OSError | None  # why sending stopped short (the server closed), if it did
+
+
+def exchange(port: int, probe: Probe, *, chunks: Iterable[bytes] | None = None,
+             timeout: float = REQUEST_TIMEOUT, host: str = "127.0.0.1") -> Answer:
+    """One request on a fresh connection. The body is `probe.body` with its Content-Length, or
+    `chunks` sent chunked (Transfer-Encoding: chunked), the sending stopping once the answer is
+    in. Raises OSError/HTTPException when no answer arrives."""
+    framing = ({"Transfer-Encoding": "chunked"} if chunks is not None
+               else {"Content-Length": str(len(probe.body))})
+    headers = {"Host": f"{host}:{port}", "Connection": "close", **framing, **probe.headers}
+    head = f"{probe.method} {probe.path} HTTP/1.1\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    parts = [probe.body] if chunks is None else _chunked(chunks)
+    answered = threading.Event()
+    progress = {"sent": 0, "error": None}
+
+    def write() -> None:
+        try:
+            sock.sendall(head.encode())
+            for part in parts:
+                if answered.is_set():
+                    return
+                sock.sendall(part)
+                progress["sent"] += len(part)
+        except OSError as exc:  # the server answered and closed first: the answer is what counts
+            progress["error"] = exc
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sender = threading.Thread(target=write, daemon=True)
+        sender.start()
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = response.read()
+        answered.set()
+        sender.join(timeout)
+        return Answer(response.status, response.headers, body, progress["sent"],
+                      progress["error"])
+
+
+def _chunked(chunks: Iterable[bytes]) -> Iterable[bytes]:
+    for chunk in chunks:
+        if chunk:
+            yield b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    yield b"0\r\n\r\n"
 
 
 def send(port: int, probe: Probe, *, timeout: float = REQUEST_TIMEOUT,
          host: str = "127.0.0.1") -> tuple[int, bytes]:
     """One request on a fresh connection: (status, body). Raises OSError/HTTPException when no
     answer arrives."""
-    headers = {"Host": f"{host}:{port}", "Connection": "close",
-               "Content-Length": str(len(probe.body)), **probe.headers}
-    head = f"{probe.method} {probe.path} HTTP/1.1\r\n" + "".join(
-        f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sender = threading.Thread(target=_send_all, args=(sock, head.encode() + probe.body),
-                                  daemon=True)
-        sender.start()
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        body = response.read()
-        sender.join(timeout)
-        return response.status, body
+    answer = exchange(port, probe, timeout=timeout, host=host)
+    return answer.status, answer.body
 
 
 def json_error(body: bytes) -> str:
@@ -150,6 +186,16 @@ def memory_kib(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
     return values
+
+
+def reset_peak_memory(pid: int) -> bool:
+    """Start a process's VmHWM afresh from its resident size now (Linux's clear_refs); False
+    where the kernel does not allow it, and VmHWM keeps the peak since the process started."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

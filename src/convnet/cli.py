@@ -6,6 +6,7 @@ Heavy imports (TensorFlow, Keras) happen inside the commands that need them, so 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,11 +41,49 @@ def _fail_clearly(fn):
 
 @click.group()
 @click.version_option(package_name="convnet")
-@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def main(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log debug messages, and let TensorFlow print its start-up and runtime notices.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Train a convolutional image classifier and serve it over HTTP."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    ctx.obj = {"verbose": verbose}
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("convnet").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        # Read by TensorFlow's C++ logging when it loads, so set before any command imports it:
+        # 2 keeps errors, drops INFO and WARNING (oneDNN, CPU features, grappler sessions).
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@contextlib.contextmanager
+def _fd2_to_devnull():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _import_keras() -> None:
+    """Import Keras and its backend now. TensorFlow's native code prints a few notices while it
+    loads (oneDNN, absl's "before InitializeLog") straight to file descriptor 2, some whatever
+    TF_CPP_MIN_LOG_LEVEL says; unless -v they go to /dev/null for the length of the import. A
+    failed import still raises, with its traceback, once stderr is back."""
+    ctx = click.get_current_context(silent=True)
+    verbose = bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("verbose"))
+    if verbose or "keras" in sys.modules:
+        import keras  # noqa: F401
+        return
+    with _fd2_to_devnull():
+        import keras  # noqa: F401
 
 
 @main.command()
@@ -111,15 +150,18 @@ def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_s
           label_smoothing, translate, no_flip, tta, tensorboard, time_limit, data_parallel,
           loop, precision, resume, dry_run, no_cache):
     """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics)."""
-    from convnet import data, models
-    from convnet import train as training
+    from convnet import data
 
     if dry_run:
+        _import_keras()
+        from convnet import models
+
         model = models.build(preset, 10)
         model.summary(print_fn=click.echo)
         click.echo(f"parameters: {model.count_params():,}")
         click.echo(f"forward FLOPs per image: {models.count_flops(model):,}")
         return
+    # The data first: a bad dataset is reported before TensorFlow spends seconds loading.
     splits = data.load_dataset(data_path, cache=not no_cache)
     if test_data:
         test = data.load_dataset(test_data, cache=not no_cache)
@@ -129,6 +171,9 @@ def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_s
     if splits.get("test") is not None and splits["test"].classes != splits["train"].classes:
         raise CliError("train and test sets have different classes: "
                        f"{splits['train'].classes} vs {splits['test'].classes}")
+    _import_keras()
+    from convnet import train as training
+
     cfg = training.TrainConfig(
         preset=preset, epochs=epochs, batch_size=batch_size, seed=seed, val_split=val_split,
         label_smoothing=label_smoothing, translate=translate, flip=not no_flip, tta=tta,
@@ -157,10 +202,14 @@ def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_s
 @click.option("--format", "fmt", type=click.Choice(["onnx", "saved_model"]), default="onnx",
               show_default=True)
 @click.option("--out", type=click.Path(), default=None,
-              help="Where to write. Default: inside the version folder.")
+              help="A file (onnx) or folder (saved_model) to write, outside any published "
+                   "version. Default: publish the export as the model root's next version.")
 @_fail_clearly
 def export_cmd(model_dir, fmt, out):
-    """Re-export a version's model.keras as ONNX or a TF Serving SavedModel."""
+    """Export a version's model.keras as ONNX or a TF Serving SavedModel. Without --out the
+    export is published as the next version (a copy with the new file); published versions
+    are never modified."""
+    _import_keras()
     from convnet.export import export_version
 
     click.echo(export_version(model_dir, fmt, out))
@@ -186,6 +235,8 @@ def evaluate_cmd(model_dir, data_path, split, backend, tta, as_json, confusion):
     chosen = splits.get(split) or (splits.get("train") if split == "test" else None)
     if chosen is None:
         raise CliError(f"{data_path} has no {split} split")
+    if backend == "keras":
+        _import_keras()
     predictor = ev.load_predictor(model_dir, backend)
     if chosen.classes != predictor.labels:
         raise CliError(f"dataset classes {chosen.classes} differ from the model's "

@@ -148,7 +148,8 @@ def _fetch_into(part: Path, url: str, *, md5: str | None, timeout: float, progre
                 unit_scale=True,
                 unit_divisor=1024,
                 desc=part.name.removesuffix(".part"),
-                disable=not progress,
+                # None: only on a terminal; in a log every redraw would be another line
+                disable=None if progress else True,
             ) as bar,
         ):
             while chunk := response.read(CHUNK_BYTES):

@@ -7,6 +7,7 @@ ONNX Runtime by default (no TensorFlow needed); `backend="keras"` restores model
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ class Predictor:
     version_dir: Path
     labels: list[str]
     backend: str
-    _run: object
+    _run: Callable[[np.ndarray], np.ndarray]  # uint8 (n, S, S, 3) -> probabilities (n, C)
 
     def probabilities(self, images: np.ndarray, *, tta: bool = False) -> np.ndarray:
         return self.probabilities_and_plain(images, tta=tta)[0]
@@ -151,14 +152,13 @@ def top_k(probs: np.ndarray, labels: list[str], k: int) -> list[list[dict]]:
 def predict_files(predictor: Predictor, files: list[str | os.PathLike], k: int = 5,
                   *, tta: bool = False) -> list[dict]:
     """Decode each file as the server would and return its top-k classes."""
-    images = []
+    decoded = []
     for f in files:
         try:
-            images.append(decode_image(Path(f).read_bytes()))
+            decoded.append(decode_image(Path(f).read_bytes()))
         except ImageError as exc:
             raise ImageError(f"{f}: {exc}", exc.status) from None
-    images = np.stack(images)
-    ranked = top_k(predictor.probabilities(images, tta=tta), predictor.labels, k)
+    ranked = top_k(predictor.probabilities(np.stack(decoded), tta=tta), predictor.labels, k)
     return [
         {"file": str(f), "label": r[0]["label"], "probability": r[0]["probability"], "top_k": r}
         for f, r in zip(files, ranked, strict=True)

@@ -1,7 +1,8 @@
 """Export a Keras model to the formats servers load: ONNX (ours) and SavedModel (TF Serving).
 
 Both take raw uint8 pixels [N, 32, 32, 3] and return class probabilities [N, C]. Needs the
-`train` extra (TensorFlow, Keras, tf2onnx).
+`train` extra (TensorFlow, Keras, tf2onnx). An ONNX file is written only after it agrees with Keras,
+and `export_version` never modifies a published version: it publishes the export as the next one.
 """
 
 from __future__ import annotations
@@ -34,33 +35,42 @@ def _rename_io(onnx_model) -> None:
         value.type.tensor_type.shape.dim[0].dim_param = "N"
 
 
+class ExportError(ValueError):
+    """An export that was refused or failed its check; nothing was written."""
+
+
 def export_onnx(model, path: str | os.PathLike, *, check_images: np.ndarray | None = None) -> float:
-    """Write `model` (uint8 pixels -> probabilities) as ONNX at `path`, atomically.
-    Returns the max abs difference to Keras on `check_images` (random pixels if None)."""
+    """Write `model` (uint8 pixels -> probabilities) as ONNX at `path`, only once it agrees with
+    Keras on `check_images` (random pixels if None) within ONNX_TOLERANCE; returns the max abs
+    difference. A failed check raises ExportError and leaves `path` as it was."""
     import onnx
+    import onnxruntime as ort
 
     path = Path(path)
     if check_images is None:
         check_images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     theirs = np.asarray(model(check_images, training=False))  # also builds a fresh model
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnx-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="convnet-onnx-") as tmp:  # not where a server looks
         raw = Path(tmp) / "raw.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # tf2onnx probes numpy aliases
             model.export(str(raw), format="onnx", verbose=False)
         onnx_model = onnx.load(str(raw))
-        _rename_io(onnx_model)
-        onnx_model.doc_string = f"convnet {model.name}: uint8 pixels -> probabilities"
-        onnx.checker.check_model(onnx_model)
-        modeldir.write_bytes_atomic(path, onnx_model.SerializeToString())
+    _rename_io(onnx_model)
+    onnx_model.doc_string = f"convnet {model.name}: uint8 pixels -> probabilities"
+    onnx.checker.check_model(onnx_model)
+    serialized = onnx_model.SerializeToString()
 
-    from convnet.evaluate import onnx_session
-
-    session = onnx_session(path)
+    # Checked from memory: nothing is on disk at `path` until the check has passed.
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     ours = session.run(None, {INPUT_NAME: check_images})[0]
     diff = float(np.abs(ours - theirs).max())
-    if diff > ONNX_TOLERANCE:
-        raise RuntimeError(f"ONNX export differs from Keras by {diff:.2e} > {ONNX_TOLERANCE}")
+    if not diff <= ONNX_TOLERANCE:  # NaN fails too
+        raise ExportError(f"ONNX export differs from Keras by {diff:.2e} > {ONNX_TOLERANCE}; "
+                          f"{path} not written")
+    modeldir.write_bytes_atomic(path, serialized)
     return diff
 
 
@@ -93,23 +103,63 @@ def export_saved_model(model, directory: str | os.PathLike) -> Path:
     return directory
 
 
+def _inside_published_version(path: Path) -> Path | None:
+    """The published version folder (an integer-named model folder) that `path` is or lies
+    in, if any."""
+    for folder in (path, *path.parents):
+        if folder.name.isdigit() and modeldir.is_version_dir(folder):
+            return folder
+    return None
+
+
+def _write(model, fmt: str, target: Path) -> float | None:
+    """Export into `target` (a file for ONNX, a folder for SavedModel); the ONNX check's
+    difference, or None."""
+    if fmt == "onnx":
+        return export_onnx(model, target)
+    export_saved_model(model, target)
+    return None
+
+
 def export_version(model_dir: str | os.PathLike | None, fmt: str,
                    out: str | os.PathLike | None = None) -> Path:
-    """Re-export a version folder's model.keras as `fmt` ("onnx" or "saved_model")."""
+    """Export a version folder's model.keras as `fmt` ("onnx" or "saved_model"); return what was
+    written. A published version is never changed: without `out`, the export goes into a copy
+    of the version published as the root's next version (where servers polling the root pick
+    it up whole); an `out` inside a published version is refused."""
     import keras
 
     import convnet.models  # noqa: F401  registers custom objects for loading
 
+    if fmt not in ("onnx", "saved_model"):
+        raise ExportError(f"unknown format {fmt!r}: onnx or saved_model")
     vdir = modeldir.resolve_version(model_dir)
     source = vdir / modeldir.KERAS_FILE
     if not source.is_file():
         raise modeldir.ModelDirError(f"{vdir} has no {modeldir.KERAS_FILE} to export from")
+    target = Path(out) if out is not None else None
+    if target is not None and (published := _inside_published_version(target.absolute())):
+        raise ExportError(f"{target} is inside the published version {published}, which is "
+                          f"never modified; leave out --out to publish the export as the next "
+                          f"version, or write elsewhere")
     model = keras.models.load_model(source, compile=False)
-    if fmt == "onnx":
-        target = Path(out) if out else vdir / modeldir.ONNX_FILE
-        target.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(model, target)
+    if target is None and not vdir.name.isdigit():  # a lone folder, not a version a server polls
+        target = vdir / modeldir.ONNX_FILE if fmt == "onnx" else vdir
+    if target is not None:
+        _write(model, fmt, target)
         return target
-    if fmt == "saved_model":
-        return export_saved_model(model, Path(out) if out else vdir)
-    raise ValueError(f"unknown format {fmt!r}: onnx or saved_model")
+    root = vdir.parent
+    staged = modeldir.staging_dir(root)
+    try:
+        shutil.copytree(vdir, staged, dirs_exist_ok=True)
+        diff = _write(model, fmt, staged / modeldir.ONNX_FILE if fmt == "onnx" else staged)
+        metrics = modeldir.load_metrics(staged)
+        metrics["exported_from"] = int(vdir.name)
+        if diff is not None:
+            metrics["onnx_max_abs_diff"] = diff
+        modeldir.write_json_atomic(staged / modeldir.METRICS_FILE, metrics)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    published = modeldir.publish(root, staged)
+    return published / modeldir.ONNX_FILE if fmt == "onnx" else published

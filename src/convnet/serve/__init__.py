@@ -17,10 +17,13 @@ from flask import Flask
 from convnet.imaging import MAX_PIXELS
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # src/convnet: templates/ and static/
-DEFAULTS = {
+DEFAULTS: dict[str, object] = {
     "MODEL_DIR": None,  # a model root or one version folder; None = the bundled CIFAR-10 model
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,  # bytes per request body; more gets a 413
     "MAX_IMAGE_PIXELS": MAX_PIXELS,  # width x height per image, read from the header; more: 413
+    # Pixels a worker's threads may hold decoded at once (4-16 bytes each, by format); an image
+    # that does not fit gets 503 + Retry-After. None = MAX_IMAGE_PIXELS; never less than that.
+    "DECODE_BUDGET_PIXELS": None,
     "MAX_IMAGES_PER_REQUEST": 64,  # images per request
     "RELOAD_INTERVAL": 2.0,  # seconds between polls of the model root for new versions; 0 = off
     "INFERENCE_THREADS": 1,  # ONNX Runtime threads per worker; 0 = one per core
@@ -40,9 +43,14 @@ def _normalise(config) -> None:
     config["CORS_ORIGINS"] = [o for o in origins or [] if o]
     model_dir = config["MODEL_DIR"]  # CONVNET_MODEL_DIR=7 arrives as the JSON number 7
     config["MODEL_DIR"] = str(model_dir) if model_dir not in (None, "") else None
-    for key in ("MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS", "MAX_IMAGES_PER_REQUEST",
-                "INFERENCE_THREADS", "BATCH_MAX_SIZE"):
+    if config["DECODE_BUDGET_PIXELS"] in (None, ""):
+        config["DECODE_BUDGET_PIXELS"] = config["MAX_IMAGE_PIXELS"]
+    for key in ("MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS", "DECODE_BUDGET_PIXELS",
+                "MAX_IMAGES_PER_REQUEST", "INFERENCE_THREADS", "BATCH_MAX_SIZE"):
         config[key] = int(config[key])
+    if config["DECODE_BUDGET_PIXELS"] < config["MAX_IMAGE_PIXELS"]:
+        # Else an image within the per-image limit could never be decoded, even by an idle worker.
+        raise ValueError("DECODE_BUDGET_PIXELS must be at least MAX_IMAGE_PIXELS")
     for key in ("RELOAD_INTERVAL", "BATCH_MAX_DELAY_MS"):
         config[key] = float(config[key])
     if config["BATCH_MAX_SIZE"] < 1 or config["BATCH_MAX_DELAY_MS"] < 0:
@@ -63,17 +71,17 @@ def create_app(config: dict | None = None) -> Flask:
     # imported (the client picks its storage once, at import).
     from convnet.serve import api, cors, ops, pipeline, tfserving, v2, web
     from convnet.serve.batching import ModelBatchers
+    from convnet.serve.decode import DecodeBudget
     from convnet.serve.errors import register_error_handlers
     from convnet.serve.holder import ModelHolder
     from convnet.serve.metrics import ServeMetrics
-    from convnet.serve.uploads import InMemoryRequest, refuse_oversized_body
+    from convnet.serve.uploads import refuse_oversized_body
 
     # app.logger is the "convnet.serve" logger, parent of every module logger here. Flask gives
     # it a stderr handler unless logging is configured already (as gunicorn's `run` does).
     if app.logger.level == logging.NOTSET:
         app.logger.setLevel(logging.INFO)  # model loads and refusals are worth seeing by default
 
-    app.request_class = InMemoryRequest
     metrics = ServeMetrics()
     batchers = ModelBatchers(
         lambda model: pipeline.timed_predict(model, metrics),
@@ -95,6 +103,8 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["convnet.metrics"] = metrics
     app.extensions["convnet.holder"] = holder
     app.extensions["convnet.batchers"] = batchers
+    app.extensions["convnet.decode_budget"] = DecodeBudget(
+        app.config["DECODE_BUDGET_PIXELS"], on_refuse=metrics.decode_refusals.inc)
     holder.load_initial()  # now, so the first request does not pay for it
     holder.start()
 

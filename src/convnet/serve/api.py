@@ -12,7 +12,7 @@ from flask import Blueprint, request
 
 from convnet.serve.decode import b64_to_bytes, check_count, decode_images
 from convnet.serve.errors import ApiError
-from convnet.serve.pipeline import get_model, infer, max_images, max_parts, max_pixels
+from convnet.serve.pipeline import get_model, infer, max_images, max_parts
 from convnet.serve.postprocess import parse_top_k, predictions
 from convnet.serve.uploads import form_files, media_type, read_json_body
 
@@ -64,7 +64,7 @@ def request_blobs() -> list[bytes]:
 def predict():
     model = get_model()
     k = parse_top_k(request.args.get("top_k"), model.num_classes)
-    pixels = decode_images(request_blobs(), max_pixels=max_pixels())  # (N, 32, 32, 3) uint8
+    pixels = decode_images(request_blobs())  # (N, 32, 32, 3) uint8
     probs = infer(model, pixels)
     return {
         "model": model.name,

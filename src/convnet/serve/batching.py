@@ -41,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 
@@ -149,7 +150,8 @@ class MicroBatcher:
         errors = [job.error for job in jobs if job.error is not None]
         if errors:
             raise errors[0]
-        return jobs[0].result if len(jobs) == 1 else np.concatenate([j.result for j in jobs])
+        results = [cast(np.ndarray, job.result) for job in jobs]  # no error: each has its result
+        return results[0] if len(results) == 1 else np.concatenate(results)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Answer everything queued, then stop the worker. Waits up to `timeout` seconds for it
@@ -244,7 +246,7 @@ class ModelBatchers:
     make_infer(model) -> infer: what a batch of `model` runs (e.g. predict plus metrics).
     """
 
-    def __init__(self, make_infer: Callable[[object], Infer], *, max_batch_size: int = 64,
+    def __init__(self, make_infer: Callable[[Any], Infer], *, max_batch_size: int = 64,
                  max_delay_s: float = 0.002):
         self.make_infer = make_infer
         self.max_batch_size = max_batch_size

@@ -3,19 +3,70 @@
 Two kinds of input reach here: encoded images (multipart files, raw bodies, base64 strings), which
 all go through `convnet.imaging.decode_image`, and pixel tensors given as JSON numbers (TF Serving
 instances, V2 UINT8/FP32 tensors), which are checked for shape, type and range.
+
+Each request is bounded (MAX_CONTENT_LENGTH, MAX_IMAGE_PIXELS); `DecodeBudget` bounds their sum:
+the pixels a worker's threads hold decoded at once. An image that would overdraw it is refused
+with 503 and Retry-After before any of its pixels are decoded.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from convnet.imaging import ImageError, decode_image
 from convnet.serve.errors import ApiError
 from convnet.serve.model import INPUT_SHAPE
+from convnet.serve.pipeline import decode_budget, max_pixels
+
+RETRY_AFTER_S = 1  # a 40 Mpx image decodes in about a second on one core of the dev machine
+
+
+class DecodeBudget:
+    """Pixels one worker may hold decoded at once, summed over its threads.
+
+    Decoding costs 4 to 16 bytes per pixel at its peak, by format (RGB PNG 4, RGBA PNG 8, grey
+    with alpha 12, WebP 16; JPEG decodes at a reduced scale and costs far fewer pixels), so a
+    worker's decoding never holds more than 16 x `capacity` bytes.
+    """
+
+    def __init__(self, capacity: int, on_refuse: Callable[[], None] = lambda: None):
+        self.capacity = capacity
+        self.in_use = 0  # pixels reserved now
+        self._on_refuse = on_refuse
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reserve(self, pixels: int) -> Iterator[None]:
+        """Hold `pixels` of the budget for the block, or raise ApiError 503 if they do not fit.
+        Never waits: a thread queueing here would hold its request body meanwhile."""
+        with self._lock:
+            fits = self.in_use + pixels <= self.capacity
+            if fits:
+                self.in_use += pixels
+        if not fits:
+            self._on_refuse()
+            raise ApiError(
+                "server busy: it is decoding as many large images as it may at once; "
+                f"retry in {RETRY_AFTER_S} s",
+                503,
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_use -= pixels
+
+
+def decode_upload(blob: bytes) -> np.ndarray:
+    """One encoded image -> (32, 32, 3) uint8, within this app's pixel limit and decode budget."""
+    return decode_image(blob, max_pixels=max_pixels(), reserve=decode_budget().reserve)
 
 
 def check_count(count: int, cap: int) -> None:
@@ -39,13 +90,14 @@ def b64_to_bytes(value, where: str) -> bytes:
         raise ApiError(f"{where}: invalid base64 data") from None
 
 
-def decode_images(blobs: Sequence[bytes], *, max_pixels: int) -> np.ndarray:
-    """Encoded images -> (N, 32, 32, 3) uint8. An error names the image by position (never by the
-    client's file name) and keeps imaging's status (413 for too many pixels)."""
+def decode_images(blobs: Sequence[bytes]) -> np.ndarray:
+    """Encoded images -> (N, 32, 32, 3) uint8, one after the other. An error names the image by
+    position (never by the client's file name) and keeps imaging's status (413 for too many
+    pixels)."""
     pixels = np.empty((len(blobs), *INPUT_SHAPE), dtype=np.uint8)
     for i, blob in enumerate(blobs):
         try:
-            pixels[i] = decode_image(blob, max_pixels=max_pixels)
+            pixels[i] = decode_upload(blob)
         except ImageError as exc:
             if len(blobs) == 1:
                 raise

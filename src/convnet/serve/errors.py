@@ -18,12 +18,13 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """A request we refuse, with the message and HTTP status the client gets."""
+    """A request we refuse, with the message, HTTP status and extra headers the client gets."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.headers = headers or {}
 
 
 def describe(exc: Exception) -> tuple[str, int]:
@@ -37,9 +38,15 @@ def describe(exc: Exception) -> tuple[str, int]:
     return "internal server error", 500
 
 
-def json_error(message: str, status: int):
+def extra_headers(exc: Exception) -> dict[str, str]:
+    """Headers an answer to `exc` carries besides the body (Retry-After on a 503)."""
+    return exc.headers if isinstance(exc, ApiError) else {}
+
+
+def json_error(message: str, status: int, headers: dict[str, str] | None = None):
     response = jsonify(error=message)
     response.status_code = status
+    response.headers.update(headers or {})
     return response
 
 
@@ -47,7 +54,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     @app.errorhandler(ImageError)
     def client_error(exc):
-        return json_error(*describe(exc))
+        return json_error(*describe(exc), extra_headers(exc))
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -5,6 +5,9 @@ higher version is loaded completely and test-run next to the serving one, then s
 single reference assignment: a request holds the `LoadedModel` it started with, so none fails or
 mixes versions during a swap. A version that cannot serve is refused with its reason (logged, kept
 for /readyz and /metrics) and the old one keeps serving.
+
+What clients may see (`Refusal.reason`, `load_error`) names the version and a short reason, never
+a path on this machine or a library's own error text; the log gets those (`Refusal.detail`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convnet.modeldir import ModelDirError, bundled_model_root, list_versions, resolve_version
-from convnet.serve.model import LoadedModel, load_model
+from convnet.serve.model import LoadedModel, LoadError, load_model
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,8 @@ Fingerprint = tuple[tuple[str, int, int], ...]  # (file name, size in bytes, mti
 @dataclass(frozen=True)
 class Refusal:
     version: int
-    reason: str
+    reason: str  # short, for clients
+    detail: str  # paths and causes, for the log
     fingerprint: Fingerprint = field(repr=False)
     at: float = field(default_factory=time.time)  # Unix seconds
 
@@ -64,7 +68,7 @@ class ModelHolder:
         self._on_load = on_load or (lambda model: None)
         self._on_refuse = on_refuse or (lambda refusal: None)
         self._current: LoadedModel | None = None
-        self.load_error: str | None = None  # why nothing is served, while nothing is
+        self.load_error: str | None = None  # why nothing is served, while nothing is; public
         # version -> why it is not served. Replaced, never mutated, so request threads can
         # iterate it while the reload thread records a refusal.
         self.refusals: dict[int, Refusal] = {}
@@ -96,15 +100,20 @@ class ModelHolder:
             if self._try_load(root / str(version)):
                 return
         if self._current is None and self.load_error is None:
-            self.load_error = f"{root} holds no model version yet"
+            self.load_error = "the model root holds no model version yet"
+            log.warning("%s holds no model version yet; waiting for one", root)
 
     def _try_load(self, version_dir: Path, version_fingerprint: Fingerprint = ()) -> bool:
         started = time.perf_counter()
         try:
             model = load_model(version_dir, inference_threads=self.inference_threads)
         except Exception as exc:  # unreadable files, bad encodings...: all mean "do not serve"
-            reason = str(exc) if isinstance(exc, ModelDirError) else f"{version_dir}: {exc!r}"
-            self._refuse(version_dir, reason, version_fingerprint or fingerprint(version_dir))
+            if isinstance(exc, LoadError):
+                reason, detail = exc.reason, str(exc)
+            else:
+                reason, detail = "its files cannot be loaded", f"{version_dir}: {exc!r}"
+            self._refuse(version_dir, reason, detail,
+                         version_fingerprint or fingerprint(version_dir))
             return False
         previous = self._current
         self._current = model  # the swap: one reference assignment, atomic under the GIL
@@ -117,14 +126,15 @@ class ModelHolder:
         self._on_load(model)
         return True
 
-    def _refuse(self, version_dir: Path, reason: str, version_fingerprint: Fingerprint) -> None:
+    def _refuse(self, version_dir: Path, reason: str, detail: str,
+                version_fingerprint: Fingerprint) -> None:
         version = int(version_dir.name) if version_dir.name.isdigit() else 0
-        refusal = Refusal(version, reason, version_fingerprint)
+        refusal = Refusal(version, reason, detail, version_fingerprint)
         self.refusals = {**self.refusals, version: refusal}
         if self._current is None:
-            self.load_error = reason
+            self.load_error = f"version {version} was refused: {reason}"
         log.error(
-            "refused model version %d: %s%s", version, reason,
+            "refused model version %d: %s%s", version, detail,
             f" (still serving version {self._current.version})" if self._current else "",
         )
         self._on_refuse(refusal)

@@ -1,4 +1,5 @@
-"""Prometheus metrics for the server: requests, latency, batch sizes and model reloads.
+"""Prometheus metrics for the server: requests, latency, batch sizes, model reloads and images
+refused because a worker's decode budget was full.
 
 Each app gets its own registry, so tests can build many apps in one process. Under gunicorn,
 `convnet.serve.server` points PROMETHEUS_MULTIPROC_DIR at a fresh folder before any worker starts;
@@ -46,6 +47,11 @@ class ServeMetrics:
         self.inference_seconds = Histogram(
             "convnet_inference_duration_seconds", "Time spent in ONNX Runtime per call.",
             buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.decode_refusals = Counter(
+            "convnet_decode_budget_refusals",
+            "Images refused with 503 because the worker's decode budget (DECODE_BUDGET_PIXELS) "
+            "was full.", registry=r,
         )
         self.reloads = Counter(
             "convnet_model_loads", "Model versions loaded or refused (summed over workers).",

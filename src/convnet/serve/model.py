@@ -2,7 +2,8 @@
 
 `load_model` refuses a version that cannot serve: it opens the session, checks the input and
 output signatures against the contract in `convnet.modeldir`, and runs a test inference, so a
-broken export is caught before any request sees it.
+broken export is caught before any request sees it. The refusal's `reason` is short and may be
+shown to anyone; its full text (paths, ONNX Runtime's own error) is for the log.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import onnxruntime as ort
 
 from convnet.imaging import SIZE
 from convnet.modeldir import (
+    LABELS_FILE,
+    METRICS_FILE,
     ONNX_FILE,
     ModelDirError,
     load_labels,
@@ -26,6 +29,15 @@ from convnet.modeldir import (
 
 INPUT_SHAPE = (SIZE, SIZE, 3)  # one image, height x width x RGB
 OUTPUT_NAME = "probabilities"  # what the HTTP protocols call the output, whatever ONNX calls it
+
+
+class LoadError(ModelDirError):
+    """A version that cannot serve. `reason` names no path and quotes no library: clients may see
+    it. str() is the whole story for the log: the folder, the reason, and the cause if any."""
+
+    def __init__(self, reason: str, version_dir: Path, cause: BaseException | None = None):
+        super().__init__(f"{version_dir}: {reason}" + (f": {cause}" if cause else ""))
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -64,23 +76,23 @@ class LoadedModel:
 
 
 def _check_signature(session: ort.InferenceSession, path: Path) -> bool:
-    """Raise ModelDirError unless the graph is uint8 (N, 32, 32, 3) -> float (N, C).
+    """Raise LoadError unless the graph is uint8 (N, 32, 32, 3) -> float (N, C).
     Returns whether the batch dimension is fixed at 1."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
-        raise ModelDirError(f"{path}: expected one input, found {len(inputs)}")
+        raise LoadError(f"expected one input, found {len(inputs)}", path)
     if not outputs:
-        raise ModelDirError(f"{path}: the graph has no output")
+        raise LoadError("the graph has no output", path)
     spec = inputs[0]
     if spec.type != "tensor(uint8)":
-        raise ModelDirError(f"{path}: input {spec.name!r} is {spec.type}, expected tensor(uint8)")
+        raise LoadError(f"input {spec.name!r} is {spec.type}, expected tensor(uint8)", path)
     shape = list(spec.shape)
     # Symbolic dimensions come back as strings or None; only fixed ints can contradict us.
     if len(shape) != 4 or any(
         isinstance(dim, int) and dim != want
         for dim, want in zip(shape[1:], INPUT_SHAPE, strict=True)
     ):
-        raise ModelDirError(f"{path}: input shape {shape}, expected [N, 32, 32, 3]")
+        raise LoadError(f"input shape {shape}, expected [N, 32, 32, 3]", path)
     return shape[0] == 1
 
 
@@ -91,22 +103,22 @@ def _test_inference(model: LoadedModel) -> None:
     try:
         probs = model.predict(probe)
     except Exception as exc:  # ONNX Runtime raises its own exception types
-        raise ModelDirError(f"{model.path}: test inference failed: {exc}") from None
+        raise LoadError("test inference failed", model.path, exc) from None
     if probs.shape != (2, model.num_classes):
-        raise ModelDirError(
-            f"{model.path}: output shape {list(probs.shape)} for 2 images, expected "
-            f"[2, {model.num_classes}] (one probability per label in labels.json)"
+        raise LoadError(
+            f"output shape {list(probs.shape)} for 2 images, expected "
+            f"[2, {model.num_classes}] (one probability per label in labels.json)", model.path,
         )
     if not np.all(np.isfinite(probs)) or probs.min() < 0:
-        raise ModelDirError(f"{model.path}: output holds negative or non-finite values")
+        raise LoadError("output holds negative or non-finite values", model.path)
     if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
-        raise ModelDirError(
-            f"{model.path}: output rows do not sum to 1; the model must end with a softmax"
+        raise LoadError(
+            "output rows do not sum to 1; the model must end with a softmax", model.path
         )
 
 
 def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
-    """Open and validate one version folder; raise ModelDirError with the reason if unusable.
+    """Open and validate one version folder; raise LoadError with the reason if unusable.
 
     inference_threads: ONNX Runtime intra-op threads per session (0 = one per core). Gunicorn
     already runs several workers, each with its own session, so one thread each avoids
@@ -115,11 +127,11 @@ def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
     version_dir = Path(version_dir)
     onnx_path = version_dir / ONNX_FILE
     if not onnx_path.is_file():
-        raise ModelDirError(f"{version_dir}: no {ONNX_FILE}")
-    labels = load_labels(version_dir)
-    metrics = load_metrics(version_dir)
+        raise LoadError(f"no {ONNX_FILE}", version_dir)
+    labels = _read(load_labels, LABELS_FILE, version_dir)
+    metrics = _read(load_metrics, METRICS_FILE, version_dir)
     if not isinstance(metrics, dict):
-        raise ModelDirError(f"{version_dir}: metrics.json must hold a JSON object")
+        raise LoadError(f"{METRICS_FILE} must hold a JSON object", version_dir)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = inference_threads
@@ -130,7 +142,7 @@ def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
             str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
-        raise ModelDirError(f"{onnx_path}: ONNX Runtime cannot load it: {exc}") from None
+        raise LoadError(f"ONNX Runtime cannot load {ONNX_FILE}", version_dir, exc) from None
 
     fixed_batch = _check_signature(session, version_dir)
     model = LoadedModel(
@@ -145,3 +157,12 @@ def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
     )
     _test_inference(model)
     return model
+
+
+def _read(load, name: str, version_dir: Path):
+    """load(version_dir), with any failure (missing, not UTF-8, not JSON, wrong shape) refused
+    as `name` being missing or invalid."""
+    try:
+        return load(version_dir)
+    except (ModelDirError, OSError, ValueError) as exc:
+        raise LoadError(f"{name} is missing or invalid", version_dir, exc) from None

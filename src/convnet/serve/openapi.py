@@ -24,7 +24,10 @@ ERRORS = {
     "404": _json(_ref("Error"), "Unknown model name or version"),
     "413": _json(_ref("Error"), "Body over MAX_CONTENT_LENGTH, or an image over MAX_IMAGE_PIXELS"),
     "415": _json(_ref("Error"), "Unsupported content type"),
-    "503": _json(_ref("Error"), "No model loaded yet"),
+    "503": {**_json(_ref("Error"), "No model loaded yet, or this worker is decoding as many "
+                    "pixels as DECODE_BUDGET_PIXELS allows (then with Retry-After)"),
+            "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                        "description": "seconds to wait before retrying"}}},
 }
 NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
         "description": "Model name: the model root folder's name (`cifar10` for the bundled one)"}

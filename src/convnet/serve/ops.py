@@ -21,7 +21,8 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """Readiness: 200 while a model serves, 503 before; refused versions are listed either way."""
+    """Readiness: 200 while a model serves, 503 before; refused versions are listed either way.
+    Names, versions and short reasons only: where the model lives is the log's business."""
     h = holder()
     model = h.current
     body = {
@@ -32,8 +33,7 @@ def readyz():
     if model is None:
         body["reason"] = h.load_error
         return body, 503
-    body["model"] = {"name": model.name, "version": model.version, "path": str(model.path),
-                     "loaded_at": model.loaded_at}
+    body["model"] = {"name": model.name, "version": model.version, "loaded_at": model.loaded_at}
     return body
 
 

@@ -8,6 +8,7 @@ submits the decoded pixels and waits for this request's rows of the batched answ
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flask import current_app, g, request
@@ -17,6 +18,9 @@ from convnet.serve.errors import ApiError
 from convnet.serve.holder import ModelHolder
 from convnet.serve.metrics import ServeMetrics
 from convnet.serve.model import LoadedModel
+
+if TYPE_CHECKING:  # decode imports this module
+    from convnet.serve.decode import DecodeBudget
 
 
 def holder() -> ModelHolder:
@@ -29,6 +33,10 @@ def metrics() -> ServeMetrics:
 
 def batchers() -> ModelBatchers:
     return current_app.extensions["convnet.batchers"]
+
+
+def decode_budget() -> DecodeBudget:
+    return current_app.extensions["convnet.decode_budget"]
 
 
 def get_model(name: str | None = None, version: int | None = None) -> LoadedModel:

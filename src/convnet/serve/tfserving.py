@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 from flask import Blueprint
 
-from convnet.imaging import ImageError, decode_image
-from convnet.serve.decode import b64_to_bytes, check_count, pixels_from_numbers
+from convnet.imaging import ImageError
+from convnet.serve.decode import b64_to_bytes, check_count, decode_upload, pixels_from_numbers
 from convnet.serve.errors import ApiError
 from convnet.serve.model import INPUT_SHAPE, OUTPUT_NAME, LoadedModel
-from convnet.serve.pipeline import get_model, holder, infer, max_images, max_pixels
+from convnet.serve.pipeline import get_model, holder, infer, max_images
 from convnet.serve.uploads import read_json_body
 
 bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
@@ -86,7 +86,7 @@ def _instance_pixels(item, where: str) -> np.ndarray:
         where = f"{where}.{where_key}"
     if isinstance(item, dict):
         try:
-            return decode_image(b64_to_bytes(item["b64"], where), max_pixels=max_pixels())
+            return decode_upload(b64_to_bytes(item["b64"], where))
         except ImageError as exc:
             raise ImageError(f"{where}: {exc}", exc.status) from None
     if isinstance(item, list):
@@ -159,7 +159,7 @@ def classify(name: str, version: int | None = None):
     for i, example in enumerate(examples):
         where = f"examples[{i}]"
         try:
-            pixels[i] = decode_image(_example_image(example, where), max_pixels=max_pixels())
+            pixels[i] = decode_upload(_example_image(example, where))
         except ImageError as exc:
             raise ImageError(f"{where}: {exc}", exc.status) from None
     probs = infer(model, pixels)

@@ -19,7 +19,7 @@ from convnet import __version__
 from convnet.serve.decode import b64_to_bytes, check_count, decode_images, pixels_from_numbers
 from convnet.serve.errors import ApiError
 from convnet.serve.model import INPUT_SHAPE, OUTPUT_NAME, LoadedModel
-from convnet.serve.pipeline import get_model, holder, infer, max_images, max_pixels
+from convnet.serve.pipeline import get_model, holder, infer, max_images
 from convnet.serve.uploads import read_json_body
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
@@ -114,7 +114,7 @@ def _input_pixels(tensor) -> np.ndarray:
         if len(items) != shape[0]:
             raise ApiError(f"inputs[0].data holds {len(items)} elements, shape says {shape[0]}")
         blobs = [b64_to_bytes(item, f"inputs[0].data[{i}]") for i, item in enumerate(items)]
-        return decode_images(blobs, max_pixels=max_pixels())
+        return decode_images(blobs)
     raise ApiError(
         f"inputs[0].datatype {datatype!r} is not supported: use UINT8 or FP32 pixels "
         "[N, 32, 32, 3], or BYTES [N] with base64-encoded images"
@@ -146,7 +146,7 @@ def infer_route(name: str, version: str | None = None):
         raise ApiError('"inputs" must be a list holding exactly one tensor')
     _requested_outputs(payload)
     probs = infer(model, _input_pixels(inputs[0]))
-    response = {"model_name": model.name, "model_version": str(model.version)}
+    response: dict[str, object] = {"model_name": model.name, "model_version": str(model.version)}
     if request_id is not None:
         response["id"] = request_id
     response["outputs"] = [{

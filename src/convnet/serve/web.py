@@ -14,11 +14,11 @@ from flask import Blueprint, current_app, render_template
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-from convnet.imaging import ImageError, decode_image
+from convnet.imaging import ImageError
 from convnet.serve.api import UPLOAD_FIELD
-from convnet.serve.decode import check_count
-from convnet.serve.errors import ApiError, describe
-from convnet.serve.pipeline import get_model, holder, infer, max_images, max_parts, max_pixels
+from convnet.serve.decode import check_count, decode_upload
+from convnet.serve.errors import ApiError, describe, extra_headers
+from convnet.serve.pipeline import get_model, holder, infer, max_images, max_parts
 from convnet.serve.postprocess import DEFAULT_TOP_K, top_k
 from convnet.serve.uploads import form_files
 
@@ -34,7 +34,7 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
-def _page(results=None, error: str | None = None, status: int = 200):
+def _page(results=None, error: str | None = None, status: int = 200, headers=None):
     model = holder().current
     html = render_template(
         "index.html",
@@ -46,7 +46,7 @@ def _page(results=None, error: str | None = None, status: int = 200):
         max_images=max_images(),
     )
     status = 503 if model is None and status == 200 else status
-    return html, status, {"Content-Security-Policy": CONTENT_SECURITY_POLICY}
+    return html, status, {"Content-Security-Policy": CONTENT_SECURITY_POLICY, **(headers or {})}
 
 
 def _thumbnail(pixels: np.ndarray) -> str:
@@ -78,7 +78,7 @@ def classify_form():
     for i, (name, data) in enumerate(uploads):
         result = {"name": _shown_name(name, i + 1)}
         try:
-            result["pixels"] = decode_image(data, max_pixels=max_pixels())
+            result["pixels"] = decode_upload(data)
             good.append(i)
         except ImageError as exc:
             result["error"], result["status"] = str(exc), exc.status
@@ -99,7 +99,7 @@ def classify_form():
 @bp.errorhandler(HTTPException)
 def page_error(exc):
     message, status = describe(exc)
-    return _page(error=message, status=status)
+    return _page(error=message, status=status, headers=extra_headers(exc))
 
 
 @bp.errorhandler(Exception)

@@ -1,0 +1,87 @@
+"""The fit loop's input pipeline: shuffled, augmented batches of uint8 images and one-hot labels."""
+
+from __future__ import annotations
+
+import itertools
+
+import keras
+import numpy as np
+
+from convnet import augment
+from convnet.data import Split
+from convnet.train.config import TrainConfig
+
+
+class Batches(keras.utils.PyDataset):
+    """Shuffled, augmented (uint8 images, one-hot labels) batches, as airbench augments: a
+    random half of the images mirrored once, then every epoch a fresh random translation and,
+    on odd epochs, every image mirrored. Each epoch's order and shifts come from
+    `seed + epoch`, so a resumed run sees the same data as an uninterrupted one. The epoch's
+    images are augmented in one vectorised pass the first time a batch of it is asked for.
+
+    Endless: batch i belongs to epoch first_epoch + i // steps_per_epoch, and fit() is given
+    `steps_per_epoch`, so one iterator serves the whole run: with a finite sequence Keras makes
+    a new one every epoch, and on TensorFlow each switch could stall for 30 to 40 s with the
+    CPU idle (quick preset, 2 cores; the cause is in `tf_dataset`)."""
+
+    def __init__(self, split: Split, cfg: TrainConfig, num_classes: int, epoch: int = 0):
+        super().__init__()
+        if not cfg.batch_size:
+            raise ValueError("Batches needs cfg.batch_size (train() sets the preset's default)")
+        self.split, self.cfg, self.num_classes = split, cfg, num_classes
+        self.batch_size = cfg.batch_size
+        self.steps_per_epoch = len(split) // self.batch_size  # drop the ragged last batch
+        self.base = split.images
+        if cfg.flip:
+            rng = np.random.default_rng([cfg.seed, 1])  # apart from the per-epoch streams
+            self.base = augment.random_flip(split.images, rng)
+        self.start_at(epoch)
+
+    def start_at(self, epoch: int) -> None:
+        """Batch 0 is the first batch of `epoch` (a resumed run continues where it stopped)."""
+        self.first_epoch = epoch
+        self._shuffle(epoch)
+
+    def _shuffle(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.rng = np.random.default_rng(self.cfg.seed * 1000 + epoch)
+        self.order = self.rng.permutation(len(self.split))
+        self.images: np.ndarray | None = None
+
+    def _epoch_images(self) -> np.ndarray:
+        if self.images is None:
+            images = augment.random_translate(self.base, self.cfg.translate, self.rng)
+            images = images[:, :, ::-1] if self.cfg.flip and self.epoch % 2 else images
+            self.images = images
+            return images
+        return self.images
+
+    @property
+    def num_batches(self):
+        return None  # endless
+
+    def tf_dataset(self):
+        """The same endless batches as a tf.data pipeline with autotuning off, for fit() on
+        TensorFlow. The pipeline Keras builds from a PyDataset autotunes its prefetch, and the
+        autotuner's thread sleeps for up to a minute between passes; destroying the iterator
+        at the end of fit waits for it: 20 to 30 s with the CPU idle in 2 of 4 quick runs
+        (gdb: RootDataset::Iterator's destructor waiting on Model::OptimizeLoop)."""
+        import tensorflow as tf
+
+        size = self.batch_size
+        signature = (tf.TensorSpec((size, *self.split.images.shape[1:]), tf.uint8),
+                     tf.TensorSpec((size, self.num_classes), tf.float32))
+        dataset = tf.data.Dataset.from_generator(
+            lambda: (self[i] for i in itertools.count()), output_signature=signature)
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return dataset.prefetch(4).with_options(options)
+
+    def __getitem__(self, i):
+        epoch, i = divmod(i, self.steps_per_epoch)
+        if self.first_epoch + epoch != self.epoch:
+            self._shuffle(self.first_epoch + epoch)
+        idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        x = self._epoch_images()[idx]
+        y = np.eye(self.num_classes, dtype="float32")[self.split.labels[idx]]
+        return x, y

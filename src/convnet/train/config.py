@@ -1,0 +1,54 @@
+"""What a training run is asked to do: TrainConfig and the presets' defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "fast"
+    epochs: float | None = None  # None: the preset's default; fractions need the device loop
+    batch_size: int | None = None  # None: the preset's default for the loop (default_batch_size)
+    lr: float = 11.5  # per 1024 examples, airbench units (summed loss, coupled weight decay)
+    momentum: float = 0.85  # Nesterov
+    weight_decay: float = 0.0153  # per 1024 examples, airbench units
+    bias_lr_scale: float = 64.0  # BatchNorm biases learn this much faster
+    label_smoothing: float = 0.2
+    flip: bool = True
+    translate: int = 2  # pixels of random translation
+    warmup: float = 0.23  # fraction of steps to reach the peak learning rate
+    lr_start: float = 0.2  # learning rate at the first step, as a fraction of the peak
+    lr_end: float = 0.07  # and at the last
+    val_split: float = 0.0  # fraction of train held out for per-epoch validation
+    seed: int = 0
+    tta: bool = True  # evaluate the exported model with flip + shift views
+    data: str = ""
+    time_limit: float | None = None  # seconds of training; stop early at an epoch boundary
+    data_parallel: bool = False  # split each global batch over all local devices
+    loop: str = "auto"  # "fit" (model.fit), "device" (JAX, whole run on the device) or "auto"
+    precision: str = "auto"  # "float32", "bfloat16" (mixed) or "auto" (bfloat16 on accelerators)
+
+
+class TrainError(ValueError):
+    """A training request that cannot run, with the reason."""
+
+
+PRESET_EPOCHS = {"fast": 8, "quick": 6, "tutorial": 20}
+# The device loop (JAX on a GPU) is fast enough that 12 epochs still beat airbench94's time
+# there (bench/gpu_train.py): more epochs, more accuracy.
+DEVICE_EPOCHS = {"fast": 12, "quick": 12}
+# Batch sizes for the fit loop on a CPU. quick takes twice the steps per epoch at 512: on 2 cores
+# an image costs the same at 512 as at 1024, and in a 6-epoch run the extra steps are worth about a
+# point (bench/results/cpu_train.md). The device loop keeps 1024, the size its GPU figures used.
+PRESET_BATCH = {"fast": 1024, "quick": 512, "tutorial": 1024}
+DEVICE_BATCH = 1024
+# The tutorial net has no BatchNorm; it trains with plain Adam like the original.
+TUTORIAL_LR = 1e-3
+
+LOOPS = ("auto", "fit", "device")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def default_batch_size(preset: str, loop: str) -> int:
+    return DEVICE_BATCH if loop == "device" else PRESET_BATCH.get(preset, DEVICE_BATCH)

@@ -1,0 +1,87 @@
+"""The fit loop's batches (convnet.train.batches): what reaches the model, epoch by epoch."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("keras")
+from convnet import augment  # noqa: E402
+from convnet.data import Split  # noqa: E402
+from convnet.train import Batches, TrainConfig  # noqa: E402
+
+
+def noise_split(n: int, seed: int = 0) -> Split:
+    """Random pixels: every shift and mirror of every image is a distinct array."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    return Split(images, rng.integers(0, 3, n), ["a", "b", "c"])
+
+
+def views(images: np.ndarray, max_shift: int) -> dict[bytes, tuple[int, bool]]:
+    """Every translation of each image by up to max_shift pixels (reflected borders, as the
+    augmentation pads), plain and mirrored: bytes -> (shift in pixels, mirrored)."""
+    found = {}
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            shifted = augment.shift(images, dy, dx)
+            for mirrored, batch in ((False, shifted), (True, shifted[:, :, ::-1])):
+                for image in batch:
+                    found.setdefault(image.tobytes(), (max(abs(dy), abs(dx)), mirrored))
+    return found
+
+
+def seen(split: Split, cfg: TrainConfig, epochs: int, max_shift: int) -> list[tuple[int, bool]]:
+    """(shift, mirrored) of every image the batches hand over in `epochs` epochs."""
+    batches = Batches(split, cfg, 3)
+    known = views(split.images, max_shift)
+    out = []
+    for i in range(epochs * batches.steps_per_epoch):
+        for image in batches[i][0]:
+            assert image.tobytes() in known, "an image that is no allowed view of any input"
+            out.append(known[image.tobytes()])
+    return out
+
+
+def test_no_flip_means_no_mirrored_image_reaches_the_model():
+    split = noise_split(40)
+    # two epochs: the odd one is where airbench mirrors every image
+    flipped = seen(split, TrainConfig(batch_size=8, flip=False, translate=2), 2, 2)
+    assert not any(mirrored for _, mirrored in flipped)
+    # and the check can see a mirror: with flips on, both kinds arrive
+    default = seen(split, TrainConfig(batch_size=8, flip=True, translate=2), 2, 2)
+    assert {m for _, m in default} == {True, False}
+
+
+@pytest.mark.parametrize("translate", [0, 1, 3])
+def test_translate_bounds_the_shift(translate):
+    split = noise_split(40, seed=translate)
+    shifts = [s for s, _ in seen(split, TrainConfig(batch_size=8, flip=False,
+                                                    translate=translate), 2, translate + 1)]
+    assert max(shifts) == translate  # never further, and the whole range is used
+
+
+def test_batches_run_on_across_epochs_and_resume_where_they_stopped():
+    split = noise_split(100)
+    cfg = TrainConfig(batch_size=32, seed=5)
+    batches = Batches(split, cfg, 3)
+    assert batches.steps_per_epoch == 3 and batches.num_batches is None  # endless
+    run = [batches[i] for i in range(9)]  # three epochs in one sequence
+    resumed = Batches(split, cfg, 3, epoch=2)
+    for i in range(3):
+        np.testing.assert_array_equal(resumed[i][0], run[6 + i][0])
+        np.testing.assert_array_equal(resumed[i][1], run[6 + i][1])
+    # every epoch draws a new order and new shifts; labels stay one-hot rows of the images' own
+    assert not np.array_equal(run[0][0], run[3][0])
+    assert run[0][1].shape == (32, 3) and (run[0][1].sum(axis=1) == 1).all()
+
+
+def test_the_tensorflow_pipeline_serves_the_same_batches_without_autotuning():
+    pytest.importorskip("tensorflow")
+    split = noise_split(100, seed=1)
+    cfg = TrainConfig(batch_size=32, seed=7)
+    dataset = Batches(split, cfg, 3).tf_dataset()
+    # the autotuner's thread is what stalled the end of fit: it must not run
+    assert dataset.options().autotune.enabled is False
+    expected = Batches(split, cfg, 3)
+    for i, (x, y) in enumerate(dataset.take(7)):  # across two epoch boundaries
+        np.testing.assert_array_equal(x.numpy(), expected[i][0])
+        np.testing.assert_array_equal(y.numpy(), expected[i][1])
