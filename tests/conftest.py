@@ -34,12 +34,18 @@ TINY_WEIGHTS[2] = TINY_WEIGHTS[1][[2, 0, 1]]  # red -> bird, green -> airplane, 
 SERVER_START_TIMEOUT = 30  # seconds for gunicorn to boot and answer /readyz
 
 
-def build_tiny_onnx(weights: np.ndarray, batch: int | str = "N") -> bytes:
-    """uint8 (N, 32, 32, 3) -> Cast -> /255 -> ReduceMean over H, W -> MatMul (3, C) -> Softmax.
-    `batch`: the graph's first dimension, symbolic by default."""
+Dim = int | str  # a fixed ONNX dimension, or a symbolic one by name
+
+
+def build_tiny_onnx(weights: np.ndarray, batch: Dim = "N",
+                    size: Dim | tuple[Dim, Dim] = 32) -> bytes:
+    """uint8 (N, S, S, 3) -> Cast -> /255 -> ReduceMean over H, W -> MatMul (3, C) -> Softmax:
+    a solid colour gets the same answer at any S. `batch`: the graph's first dimension, symbolic
+    by default; `size`: S, or (height, width), either of them possibly symbolic."""
     from onnx import TensorProto, helper, numpy_helper
 
     num_classes = weights.shape[1]
+    height, width = size if isinstance(size, tuple) else (size, size)
     nodes = [
         helper.make_node("Cast", ["pixels"], ["as_float"], to=TensorProto.FLOAT),
         helper.make_node("Div", ["as_float", "scale"], ["scaled"]),
@@ -50,7 +56,7 @@ def build_tiny_onnx(weights: np.ndarray, batch: int | str = "N") -> bytes:
     graph = helper.make_graph(
         nodes,
         "tiny",
-        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [batch, 32, 32, 3])],
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, [batch, height, width, 3])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, num_classes])],
         initializer=[
             numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
@@ -63,17 +69,26 @@ def build_tiny_onnx(weights: np.ndarray, batch: int | str = "N") -> bytes:
 
 
 def write_version(root: Path, version: int, *, weights=None, onnx_bytes: bytes | None = None,
-                  labels=None, metrics=None) -> Path:
-    """Write `root/<version>/` via a hidden staging folder and a rename, as the exporter does."""
+                  labels=None, metrics=None, size: int = 32, config=None) -> Path:
+    """Write `root/<version>/` via a hidden staging folder and a rename, as the exporter does.
+
+    size: the tiny model's input side S. config: config.json's content; by default none for
+    S = 32 (as the bundled model, which predates recording it) and {"image_size": S} otherwise.
+    """
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{version}"
     staging.mkdir()
     if onnx_bytes is None:
-        onnx_bytes = build_tiny_onnx(TINY_WEIGHTS[1] if weights is None else weights)
+        onnx_bytes = build_tiny_onnx(TINY_WEIGHTS[1] if weights is None else weights,
+                                     size=size)
     (staging / "model.onnx").write_bytes(onnx_bytes)
     (staging / "labels.json").write_text(json.dumps(labels or CIFAR10_LABELS))
     (staging / "metrics.json").write_text(json.dumps(
         {"accuracy": 0.4321} if metrics is None else metrics))
+    if config is None and size != 32:
+        config = {"image_size": size}
+    if config is not None:
+        (staging / "config.json").write_text(json.dumps(config))
     target = root / str(version)
     os.rename(staging, target)
     return target
@@ -84,6 +99,14 @@ def model_root(tmp_path_factory) -> Path:
     """A read-only model root `.../cifar10/1/`, built once per session."""
     root = tmp_path_factory.mktemp("models") / "cifar10"
     write_version(root, 1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_root_64(tmp_path_factory) -> Path:
+    """Like model_root, but the model takes 64x64 images (and config.json says so)."""
+    root = tmp_path_factory.mktemp("models64") / "cifar10"
+    write_version(root, 1, size=64)
     return root
 
 

@@ -70,3 +70,31 @@ def write_image_folder(root: Path, splits=("train", "test"), per_class: int = 4,
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(encode(image, fmt))
     return root
+
+
+def make_photo(label: int, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A (height, width, 3) uint8 "photo" of class `label`: the class colour as a disc in the
+    centre on a noisy background, so the centre square holds the class and crops keep it."""
+    palette = np.random.default_rng(1234).integers(30, 225, (10, 3))
+    ys, xs = np.mgrid[:height, :width]
+    disc = (ys - height / 2) ** 2 + (xs - width / 2) ** 2 < (min(width, height) * 0.4) ** 2
+    image = rng.normal(128, 30, (height, width, 3))
+    image[disc] = palette[label] + rng.normal(0, 15, (int(disc.sum()), 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_photo_folder(root: Path, splits=("train", "test"), per_class: int = 4,
+                       num_classes: int = 3, sizes=((96, 72), (80, 100), (128, 96)),
+                       fmt: str = "JPEG", seed: int = 0) -> Path:
+    """root/<split>/<class>/<n>.jpg: photos of the sizes given (width, height), in turn."""
+    ext = {"PNG": "png", "JPEG": "jpg"}[fmt]
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in range(num_classes):
+            folder = root / split / CLASSES[c]
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                width, height = sizes[k % len(sizes)]
+                (folder / f"{k}.{ext}").write_bytes(encode(make_photo(c, width, height, rng),
+                                                           fmt))
+    return root

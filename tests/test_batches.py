@@ -85,3 +85,41 @@ def test_the_tensorflow_pipeline_serves_the_same_batches_without_autotuning():
     for i, (x, y) in enumerate(dataset.take(7)):  # across two epoch boundaries
         np.testing.assert_array_equal(x.numpy(), expected[i][0])
         np.testing.assert_array_equal(y.numpy(), expected[i][1])
+
+
+# --- the photo policy: augmented a batch at a time --------------------------------------------
+
+PHOTO = dict(augment="photo", batch_size=16, seed=3)
+
+
+def test_photo_batches_copy_nothing_but_the_batch():
+    split = noise_split(64)
+    batches = Batches(split, TrainConfig(**PHOTO), 3)
+    x, y = batches[0]
+    assert x.shape == (16, 32, 32, 3) and x.dtype == np.uint8 and y.shape == (16, 3)
+    assert batches.base is split.images and batches.images is None  # no epoch-wide copy
+
+
+def test_photo_batches_are_the_same_on_resume_and_new_each_epoch():
+    split = noise_split(64)
+    run = Batches(split, TrainConfig(**PHOTO), 3)
+    first = [run[i][0] for i in range(8)]  # two epochs of four
+    resumed = Batches(split, TrainConfig(**PHOTO), 3, epoch=1)
+    for i in range(4):
+        np.testing.assert_array_equal(resumed[i][0], first[4 + i])
+    assert not np.array_equal(first[0], first[4])
+
+
+def test_photo_batches_are_crops_not_the_images():
+    split = noise_split(64)
+    x, _ = Batches(split, TrainConfig(**PHOTO), 3)[0]
+    originals = {image.tobytes() for image in split.images}
+    originals |= {image[:, ::-1].tobytes() for image in split.images}
+    assert sum(image.tobytes() in originals for image in x) < len(x) // 2
+
+
+def test_class_weights_come_with_each_image():
+    split = noise_split(48)
+    weights = np.array([0.5, 1.0, 2.0], np.float32)
+    x, y, w = Batches(split, TrainConfig(batch_size=16), 3, weights=weights)[1]
+    np.testing.assert_array_equal(w, weights[y.argmax(1)])

@@ -25,9 +25,26 @@ def test_allowed_formats_decode_to_uint8_32(fmt):
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
-def test_32x32_passes_through_untouched():
-    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(decode_image(encode(pixels, "PNG")), pixels)
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_an_image_the_model_size_passes_through_untouched(size):
+    pixels = np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(decode_image(encode(pixels, "PNG"), size=size), pixels)
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+@pytest.mark.parametrize("shape", [(300, 100), (100, 300), (20, 12)], ids=str)
+def test_the_centre_square_is_resized_to_any_size(size, shape):
+    """Wide or tall, smaller or larger than S: the centre square (blue) fills the S x S output,
+    the red sides are cropped away (Lanczos blends a little of them in along the cut edges)."""
+    side = min(shape)
+    image = Image.new("RGB", shape, (255, 0, 0))
+    left, top = (shape[0] - side) // 2, (shape[1] - side) // 2
+    image.paste((0, 0, 255), (left, top, left + side, top + side))
+    out = decode_image(encode_image(image, "PNG"), size=size)
+    assert out.shape == (size, size, 3)
+    assert out[size // 2, size // 2].tolist() == [0, 0, 255]
+    red, _, blue = out.reshape(-1, 3).mean(axis=0)
+    assert red < 16 and blue > 240  # the whole 300x100 resized instead: red 170
 
 
 def test_exif_orientation_is_applied():
@@ -89,12 +106,23 @@ class Recorder:
             self.held -= pixels
 
 
-@pytest.mark.parametrize("fmt,charged", [("PNG", 4000 * 3000), ("JPEG", 500 * 375)])
-def test_reserve_is_asked_for_the_pixels_actually_decoded(fmt, charged):
-    """JPEG decodes at 1/8 scale here, so it costs 1/64 of its header's pixels."""
+@pytest.fixture(scope="module")
+def large_photo() -> dict[str, bytes]:
+    """A 4800x3600 (17 Mpx) image per format, far larger than any model input."""
+    return {fmt: encode_image(Image.new("L", (4800, 3600)), fmt) for fmt in ("PNG", "JPEG")}
+
+
+@pytest.mark.parametrize("fmt,size,charged", [
+    ("PNG", 32, 4800 * 3600), ("PNG", 224, 4800 * 3600),
+    ("JPEG", 32, 600 * 450), ("JPEG", 224, 600 * 450),  # 1/8 scale: 450 >= 2 x 224
+    ("JPEG", 512, 2400 * 1800),  # 1/2 scale: 1/4 would leave 900 < 2 x 512 pixels
+])
+def test_reserve_is_asked_for_the_pixels_actually_decoded(large_photo, fmt, size, charged):
+    """What is decoded, and so the memory a decode holds, does not grow with S while the JPEG
+    still has 16 S pixels on its shorter side: 1/64 of the header's pixels."""
     recorder = Recorder()
-    data = encode_image(Image.new("L", (4000, 3000)), fmt)
-    assert decode_image(data, reserve=recorder.reserve).shape == (32, 32, 3)
+    out = decode_image(large_photo[fmt], size=size, reserve=recorder.reserve)
+    assert out.shape == (size, size, 3)
     assert recorder.asked == [charged] and recorder.held == 0
 
 

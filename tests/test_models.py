@@ -53,3 +53,53 @@ def test_with_softmax_gives_probabilities():
 def test_bad_arguments(preset, classes):
     with pytest.raises(ValueError):
         models.build(preset, classes)
+
+
+@pytest.mark.parametrize(("size", "patch", "stride", "width"),
+                         [(32, 2, 1, 24), (48, 2, 1, 24), (64, 2, 2, 24), (96, 3, 3, 54),
+                          (128, 4, 4, 96)])
+def test_the_stem_scales_with_the_input(size, patch, stride, width):
+    model = models.build("quick", 5, image_size=size)
+    assert tuple(model.input.shape) == (None, size, size, 3) and model.input.dtype == "uint8"
+    stem = model.get_layer("whiten")
+    assert stem.kernel_size == (patch, patch) and stem.strides == (stride, stride)
+    assert stem.filters == width  # every direction of a patch, and its negative
+    # from 64 px on, the groups see 32 x 32 whatever the input
+    assert stem.output.shape[1] == (size - 1 if stride == 1 else 32)
+    x = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    assert tuple(model(x, training=False).shape) == (2, 5)
+
+
+def test_a_64_px_model_costs_about_what_a_32_px_one_does():
+    small, large = (models.count_flops(models.build("fast", 5, image_size=s)) for s in (32, 64))
+    assert large < 1.3 * small
+
+
+def test_too_small_an_input_is_refused():
+    with pytest.raises(ValueError, match="at least 16"):
+        models.build("fast", 5, image_size=8)
+    with pytest.raises(ValueError, match="at least 24"):
+        models.build("tutorial", 5, image_size=16)
+
+
+def test_pixel_stats_are_the_data_s_and_live_in_the_graph():
+    rng = np.random.default_rng(0)
+    images = np.clip(rng.normal((200, 100, 50), (10, 20, 30), (300, 16, 16, 3)), 0, 255)
+    images = images.astype(np.uint8)
+    stats = models.pixel_stats(images, chunk_pixels=7 * 16 * 16)  # chunks: the set's figures
+    flat = images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(stats.mean, flat.mean(0), atol=0.01)
+    np.testing.assert_allclose(stats.std, flat.std(0), atol=0.01)
+    model = models.build("quick", 3, image_size=32, stats=stats)
+    assert models.normalisation(model) == stats
+    normalise = keras.Model(model.input, model.get_layer("normalise").output)
+    x = np.full((1, 32, 32, 3), stats.mean, np.float32).round().astype(np.uint8)
+    np.testing.assert_allclose(np.asarray(normalise(x)), 0, atol=0.05)
+
+
+def test_whitening_in_chunks_equals_whitening_at_once(monkeypatch):
+    images = np.random.default_rng(1).integers(0, 256, (50, 20, 20, 3), dtype=np.uint8)
+    whole = models.whitening_kernel(images, 3, 54)
+    monkeypatch.setattr(models, "WHITEN_CHUNK", 20 * 20 * 27 * 3)  # three images a chunk
+    np.testing.assert_allclose(models.whitening_kernel(images, 3, 54), whole, rtol=1e-3,
+                               atol=1e-4)

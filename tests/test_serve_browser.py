@@ -8,8 +8,10 @@ import base64
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import CIFAR10_LABELS, image_bytes
+from synthetic import encode
 
 pytestmark = pytest.mark.slow
 
@@ -164,3 +166,84 @@ def test_the_browser_is_the_debian_chromium(browser):
     found = subprocess.run([str(CHROMIUM), "--version"], capture_output=True, text=True,
                            timeout=30).stdout
     assert browser.version and f"Chromium {browser.version} " in found, (browser.version, found)
+
+
+@pytest.fixture(scope="module")
+def rich_server(tmp_path_factory):
+    """A model with every file the model page reads: log.csv, calibration, mistakes, ..."""
+    from conftest import LiveServer
+    from test_serve_model_page import rich_version
+
+    root = tmp_path_factory.mktemp("rich-model") / "cifar10"
+    rich_version(root)
+    live = LiveServer(root, tmp_path_factory.mktemp("rich-server"), workers=1, threads=4)
+    live.wait_ready()
+    yield live
+    live.stop()
+
+
+@pytest.mark.parametrize("width,height,name", [(1280, 900, "desktop"), (390, 844, "phone")])
+def test_model_page(browser, rich_server, width, height, name):
+    """Reached from the model card; every section drawn; fits a phone without sideways
+    scrolling (the confusion matrix may scroll inside its own box)."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(rich_server.url + "/")
+    with page.expect_navigation():
+        page.click("#model-page-link")
+    assert page.url.endswith("/models/cifar10")
+    assert page.locator("h1").inner_text().startswith("cifar10")
+    assert page.locator("#per-class tbody tr").count() == 10
+    assert page.locator("#confusion tbody tr").count() == 10
+    assert page.locator("#curves svg polyline").count() == 4  # loss and accuracy, train and val
+    assert page.locator("#calibration img").evaluate("img => img.naturalWidth") == 20
+    thumbnails = page.locator("#mistakes img")
+    assert thumbnails.count() == 5
+    assert thumbnails.first.evaluate("img => img.naturalWidth") == 32  # a real, decoded PNG
+    assert page.locator("#curves svg").first.bounding_box()["width"] > 250  # legible
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"model-page-{name}.png"), full_page=True)
+    assert errors == []
+    page.close()
+
+
+def test_explanations_on_request(browser, server, tmp_path):
+    """With the box ticked, each answer shows the image the model saw, tinted where it drove
+    the answer; with JavaScript and without."""
+    image = np.full((32, 32, 3), 110, np.uint8)
+    image[:8, :8] = (250, 20, 20)  # the red the tiny model calls airplane, in one corner
+    path = tmp_path / "corner.png"
+    path.write_bytes(encode(image))
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server.url + "/")
+    page.check("#explain-input")
+    page.set_input_files("#file-input", str(path))
+    done(page, 1)
+    figure = page.locator("#results .result .explanation")
+    assert "airplane" in figure.locator("figcaption").inner_text()
+    overlay = figure.locator("img")
+    assert overlay.evaluate("img => img.naturalWidth") == 32
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-browser-explain.png"), full_page=True)
+    page.uncheck("#explain-input")
+    page.set_input_files("#file-input", str(path))
+    done(page, 2)
+    assert page.locator("#results .result").first.locator(".explanation").count() == 0
+    page.close()
+
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server.url + "/")
+    page.check("#explain-input")
+    page.set_input_files("#file-input", str(path))
+    with page.expect_navigation():
+        page.click("#submit-button")
+    assert page.locator(".result .explanation img").count() == 1
+    assert page.is_checked("#explain-input")  # the answer page keeps the choice
+    context.close()

@@ -131,10 +131,22 @@ def test_second_run_writes_next_version(trained, dataset):
     assert (trained / "1" / "model.onnx").read_bytes() == before
 
 
-def test_dry_run_prints_params_and_flops():
-    result = CliRunner().invoke(main, ["train", "--data", ".", "--dry-run"])
-    assert result.exit_code == 0
-    assert "parameters:" in result.output and "forward FLOPs per image:" in result.output
+def test_dry_run_prints_params_and_flops_for_the_data_and_size(dataset):
+    def dry(*extra):
+        result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--dry-run", *extra])
+        assert result.exit_code == 0, result.output
+        assert "parameters:" in result.output and "forward FLOPs per image:" in result.output
+        return result.output
+
+    plain = dry()
+    assert "3 classes" in plain and "input: 32x32 px" in plain  # 32x32 images: CIFAR-style
+    large = dry("--image-size", "96")
+    assert "input: 96x96 px" in large
+
+    def flops(output):
+        return int(output.split("forward FLOPs per image:")[1].split()[0].replace(",", ""))
+
+    assert flops(large) > flops(plain)
 
 
 def test_too_small_for_a_batch_is_a_clear_error(dataset, tmp_path):
@@ -143,12 +155,50 @@ def test_too_small_for_a_batch_is_a_clear_error(dataset, tmp_path):
     assert result.exit_code == 2 and "fewer than one batch" in result.output
 
 
-@pytest.mark.parametrize(("preset", "batch"), [("quick", 512), ("fast", 1024)])
-def test_the_default_batch_size_is_the_presets(dataset, tmp_path, preset, batch):
-    result = CliRunner().invoke(main, ["train", "--data", str(dataset), "--out",
-                                       str(tmp_path / "m"), "--preset", preset])
-    assert result.exit_code == 2, result.output
-    assert f"fewer than one batch of {batch}" in result.output
+@pytest.mark.parametrize(("preset", "loop", "batch", "epochs"), [
+    ("fast", "fit", 1024, 8), ("quick", "fit", 512, 6), ("fast", "device", 1024, 12),
+    ("quick", "device", 1024, 12)])
+def test_cifar_sized_data_keeps_the_presets_defaults(preset, loop, batch, epochs):
+    from convnet.train.config import default_batch_size, default_epochs
+
+    for num_train in (50_000, 45_000):  # CIFAR-10's train set, less a 10% validation split
+        assert default_batch_size(preset, loop, num_train) == batch
+        assert default_epochs(preset, loop, num_train) == epochs
+
+
+def test_a_small_data_set_gets_smaller_batches_and_more_epochs():
+    from convnet.train.config import default_batch_size, default_epochs
+
+    assert default_batch_size("fast", "fit", 2_349) == 64
+    assert default_epochs("fast", "fit", 2_349) > 8
+
+
+def test_stratified_validation_split_holds_out_each_class_s_share():
+    labels = np.repeat([0, 1, 2], [100, 20, 1])
+    split = training.Split(np.zeros((121, 32, 32, 3), np.uint8), labels, ["a", "b", "c"])
+    fit, val = training.split_validation(split, 0.2, seed=0)
+    assert np.bincount(val.labels, minlength=3).tolist() == [20, 4, 0]  # "c" stays to train
+    assert np.bincount(fit.labels, minlength=3).tolist() == [80, 16, 1]
+
+
+def test_class_weights_only_when_imbalanced():
+    def split(counts):
+        labels = np.repeat(np.arange(len(counts)), counts)
+        return training.Split(np.zeros((len(labels), 32, 32, 3), np.uint8), labels,
+                              [str(i) for i in range(len(counts))])
+
+    assert training.class_weights("auto", split([50, 40, 30])) is None  # within 2x
+    assert training.class_weights("none", split([100, 10])) is None
+    weights = training.class_weights("auto", split([100, 25, 0]))
+    np.testing.assert_allclose(weights, [125 / 200, 125 / 50, 0])  # N / (C * n_c), C present
+    with pytest.raises(training.TrainError, match="unknown class weighting"):
+        training.class_weights("balanced", split([1, 1]))
+
+
+def test_the_device_loop_refuses_other_sizes_by_name():
+    cfg = training.TrainConfig(loop="device", image_size=64, augment="photo")
+    with pytest.raises(training.TrainError, match="--image-size 64.*--augment photo"):
+        training.choose_loop(cfg)
 
 
 def log_rows(version) -> list[dict]:

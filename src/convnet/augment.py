@@ -1,12 +1,22 @@
-"""Batch augmentation and test-time views, in numpy on uint8 (N, 32, 32, 3) arrays.
+"""Batch augmentation and test-time views, in numpy on uint8 (N, S, S, 3) arrays.
 
 Numpy rather than framework ops, so training on TensorFlow or JAX and evaluation on ONNX Runtime
 all see exactly the same pixels.
+
+Two training policies:
+- airbench (CIFAR-style thumbnails): random flips and translations of a few pixels, applied to a
+  whole epoch at once (train.batches);
+- photo: per batch, a random crop of 25-100% of the image's area (aspect ratio 3:4 to 4:3)
+  resized back to S x S, and a random mirror (`photo_batch`). Only the batch is ever in float.
+Evaluation and serving see the deterministic view (imaging.decode_image: centre square).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
+from PIL import Image
 
 
 def random_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -46,11 +56,69 @@ def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return padded[:, p - dy : p - dy + h, p - dx : p - dx + w]
 
 
-def tta_views(images: np.ndarray) -> list[tuple[np.ndarray, float]]:
+def tta_views(images: np.ndarray) -> Iterator[tuple[np.ndarray, float]]:
     """Views whose predicted probabilities are averaged with the given weights: the image and
-    its mirror (half the weight), and both shifted one pixel each diagonal way (the other half)."""
-    views = []
-    for base, weight in ((images, 0.5), (shift(images, 1, 1), 0.25), (shift(images, -1, -1), 0.25)):
-        views.append((base, weight / 2))
-        views.append((base[:, :, ::-1], weight / 2))
-    return views
+    its mirror (half the weight), and both shifted one pixel each diagonal way (the other half).
+    One at a time, so only one shifted copy of a large set is held at once."""
+    for shifted, weight in ((0, 0.5), (1, 0.25), (-1, 0.25)):
+        base = shift(images, shifted, shifted)
+        yield base, weight / 2
+        yield base[:, :, ::-1], weight / 2
+
+
+def crop_boxes(n: int, size: int, rng: np.random.Generator, scale: tuple[float, float],
+               ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10) -> np.ndarray:
+    """(n, 4) float boxes (top, left, height, width) in pixels of a size x size image: area a
+    uniform fraction in `scale`, aspect ratio (width / height) log-uniform in `ratio`, placed
+    uniformly; as torchvision's RandomResizedCrop, the first of `tries` draws that fits, else
+    the whole image."""
+    area = rng.uniform(*scale, (n, tries)) * size * size
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, tries)))
+    width, height = np.sqrt(area * aspect), np.sqrt(area / aspect)
+    fits = (width <= size) & (height <= size)
+    first = fits.argmax(1)
+    rows = np.arange(n)
+    width = np.where(fits.any(1), width[rows, first], size)
+    height = np.where(fits.any(1), height[rows, first], size)
+    top = rng.uniform(0, 1, n) * (size - height)
+    left = rng.uniform(0, 1, n) * (size - width)
+    return np.stack([top, left, height, width], axis=1)
+
+
+def crop_resize(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Each image's box resampled to the full size x size, bilinear (Pillow's: pixel centres
+    aligned, so a whole-image box returns the image unchanged). uint8 in and out; 7x faster
+    than the same sampling as numpy gathers, and Pillow releases the GIL while it resamples."""
+    size = images.shape[1]
+    out = np.empty_like(images)
+    for i, (image, (top, left, height, width)) in enumerate(zip(images, boxes, strict=True)):
+        out[i] = np.asarray(Image.fromarray(image).resize(
+            (size, size), Image.Resampling.BILINEAR, box=(left, top, left + width, top + height)))
+    return out
+
+
+def photo_batch(images: np.ndarray, rng: np.random.Generator,
+                scale: tuple[float, float] = (0.25, 1.0), flip: bool = True) -> np.ndarray:
+    """The photo policy for one batch: random resized crops, and a random half mirrored."""
+    out = crop_resize(images, crop_boxes(len(images), images.shape[1], rng, scale))
+    if flip:
+        mirror = rng.random(len(out)) < 0.5
+        out[mirror] = out[mirror, :, ::-1]
+    return out
+
+
+def cutmix(images: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
+           alpha: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """CutMix one batch: paste a random box of each image's partner (the batch shuffled) over
+    it, box area drawn from Beta(alpha, alpha), and mix the targets (N, C) by the areas."""
+    n, size = len(images), images.shape[1]
+    partner = rng.permutation(n)
+    keep = rng.beta(alpha, alpha)
+    side = int(round(size * np.sqrt(1 - keep)))
+    if side == 0:
+        return images, targets
+    top, left = rng.integers(0, size - side + 1, 2)
+    out = images.copy()
+    out[:, top:top + side, left:left + side] = images[partner, top:top + side, left:left + side]
+    pasted = side * side / (size * size)
+    return out, (1 - pasted) * targets + pasted * targets[partner]

@@ -113,10 +113,15 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
               show_default=True, help="Model root; the run writes version max+1.")
 @click.option("--preset", type=click.Choice(["fast", "quick", "tutorial"]), default="fast",
               show_default=True)
+@click.option("--image-size", type=click.IntRange(16, 256), default=None,
+              help="Input side in pixels; images are decoded to it (centre square). Default: "
+                   "32 for CIFAR-style 32x32 data, 64 for photos (their own size if smaller).")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None,
-              help="Default: the preset's. Fractions (e.g. 9.9) need the device loop.")
+              help="Default: the preset's (fast 8, quick 6 on model.fit), more for a small data "
+                   "set: enough to see 120,000 images. Fractions (e.g. 9.9) need the device loop.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
-              help="Default: the preset's (quick 512 on model.fit, else 1024).")
+              help="Default: the preset's (quick 512 on model.fit, else 1024), halved for a small "
+                   "data set until an epoch has 32 steps (not below 64).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate, per 1024 examples.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -125,6 +130,14 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
 @click.option("--translate", type=click.IntRange(0, 8), default=2, show_default=True,
               help="Random translation, pixels.")
 @click.option("--no-flip", is_flag=True, help="Disable random horizontal flips.")
+@click.option("--augment", type=click.Choice(["auto", "airbench", "photo"]), default="auto",
+              show_default=True,
+              help="airbench: flips and --translate shifts (for thumbnails); photo: random "
+                   "resized crops (25-100% of the area) and flips; auto: photo for photos.")
+@click.option("--class-weight", type=click.Choice(["auto", "none"]), default="auto",
+              show_default=True,
+              help="auto: weight the loss by inverse class frequency when the largest class "
+                   "has at least twice the images of the smallest.")
 @click.option("--tta/--no-tta", default=True, show_default=True,
               help="Test-time augmentation when scoring the exported model.")
 @click.option("--tensorboard", type=click.Path(file_okay=False), default=None,
@@ -143,28 +156,38 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
               help="bfloat16: mixed precision. auto: bfloat16 for the device loop on an "
                    "accelerator, else float32.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
-@click.option("--dry-run", is_flag=True, help="Print the model, parameters and FLOPs; exit.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the model for --data (its classes, input size), parameters and FLOPs; "
+                   "exit.")
 @click.option("--no-cache", is_flag=True, help="Decode the dataset again, ignoring the cache.")
 @_fail_clearly
-def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_split,
-          label_smoothing, translate, no_flip, tta, tensorboard, time_limit, data_parallel,
-          loop, precision, resume, dry_run, no_cache):
-    """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics)."""
-    from convnet import data
+def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr, seed, val_split,
+          label_smoothing, translate, no_flip, augment, class_weight, tta, tensorboard, time_limit,
+          data_parallel, loop, precision, resume, dry_run, no_cache):
+    """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics).
+    Input size, augmentation and schedule default to what suits the data (see --help)."""
+    from convnet import data, sizing
 
+    # The data first: a bad dataset is reported before TensorFlow spends seconds loading.
+    survey = data.survey(data_path, cache=not no_cache)
+    size = image_size or sizing.default_image_size(survey)
+    augment = sizing.default_augment(survey) if augment == "auto" else augment
+    click.echo(f"{data_path}: {survey.num_images} training images in {survey.num_classes} "
+               f"classes, median shorter side {survey.short_side} px -> {size}x{size} input, "
+               f"{augment} augmentation")
     if dry_run:
         _import_keras()
         from convnet import models
 
-        model = models.build(preset, 10)
+        model = models.build(preset, max(2, survey.num_classes), image_size=size)
         model.summary(print_fn=click.echo)
+        click.echo(f"input: {size}x{size} px")
         click.echo(f"parameters: {model.count_params():,}")
         click.echo(f"forward FLOPs per image: {models.count_flops(model):,}")
         return
-    # The data first: a bad dataset is reported before TensorFlow spends seconds loading.
-    splits = data.load_dataset(data_path, cache=not no_cache)
+    splits = data.load_dataset(data_path, size=size, cache=not no_cache)
     if test_data:
-        test = data.load_dataset(test_data, cache=not no_cache)
+        test = data.load_dataset(test_data, size=size, cache=not no_cache)
         splits["test"] = test.get("test") or test.get("train")
     if "train" not in splits:
         raise CliError(f"{data_path} has no training split")
@@ -178,7 +201,8 @@ def train(data_path, test_data, out, preset, epochs, batch_size, lr, seed, val_s
         preset=preset, epochs=epochs, batch_size=batch_size, seed=seed, val_split=val_split,
         label_smoothing=label_smoothing, translate=translate, flip=not no_flip, tta=tta,
         data=str(data_path), time_limit=time_limit, data_parallel=data_parallel,
-        loop=loop, precision=precision,
+        loop=loop, precision=precision, image_size=size, augment=augment,
+        class_weight=class_weight,
     )
     if lr is not None:
         cfg.lr = lr
@@ -225,19 +249,24 @@ def export_cmd(model_dir, fmt, out):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--confusion", type=click.Path(dir_okay=False), default="confusion.png",
               show_default=True, help="Confusion-matrix PNG to write.")
+@click.option("--out-mistakes", type=click.Path(file_okay=False), default=None,
+              help="Also write mistakes.json (the most confidently wrong images, thumbnails "
+                   "inside) into this folder; the model page shows it when it is in the "
+                   "version folder. Scores the images a second time.")
 @_fail_clearly
-def evaluate_cmd(model_dir, data_path, split, backend, tta, as_json, confusion):
-    """Restore a model and report accuracy, per-class and top-5 accuracy."""
+def evaluate_cmd(model_dir, data_path, split, backend, tta, as_json, confusion, out_mistakes):
+    """Restore a model and report accuracy, per-class and top-5 accuracy. The data is decoded
+    at the model's input size."""
     from convnet import data
     from convnet import evaluate as ev
 
-    splits = data.load_dataset(data_path)
+    if backend == "keras":
+        _import_keras()
+    predictor = ev.load_predictor(model_dir, backend)  # first: the data is read at its size
+    splits = data.load_dataset(data_path, size=predictor.input_size)
     chosen = splits.get(split) or (splits.get("train") if split == "test" else None)
     if chosen is None:
         raise CliError(f"{data_path} has no {split} split")
-    if backend == "keras":
-        _import_keras()
-    predictor = ev.load_predictor(model_dir, backend)
     if chosen.classes != predictor.labels:
         raise CliError(f"dataset classes {chosen.classes} differ from the model's "
                        f"{predictor.labels}")
@@ -245,6 +274,13 @@ def evaluate_cmd(model_dir, data_path, split, backend, tta, as_json, confusion):
     ev.plot_confusion(report["confusion_matrix"], chosen.classes, confusion,
                       title=f"{predictor.version_dir} on {data_path}")
     report["confusion_png"] = str(confusion)
+    if out_mistakes:
+        from convnet.mistakes import write_mistakes
+
+        probs = predictor.probabilities(chosen.images, tta=tta)
+        report["mistakes_json"] = str(write_mistakes(
+            out_mistakes, chosen.images, chosen.labels, probs, classes=predictor.labels,
+            source=f"{data_path} ({split})", tta=tta))
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -252,9 +288,47 @@ def evaluate_cmd(model_dir, data_path, split, backend, tta, as_json, confusion):
     click.echo(f"images    {report['num_images']}")
     click.echo(f"accuracy  {report['accuracy']:.4f}")
     click.echo(f"top-5     {report['top5_accuracy']:.4f}")
+    ece = report["ece"]
+    click.echo(f"ECE       {ece['before']:.4f}" + ("" if ece["after"] is None else
+               f" without the model's temperature, {ece['after']:.4f} with it") +
+               f" ({ece['bins']} bins, one view per image)")
     for name, acc in report["per_class_accuracy"].items():
         click.echo(f"  {name:<14} {'-' if acc is None else f'{acc:.4f}'}")
     click.echo(f"confusion matrix: {confusion}")
+    if out_mistakes:
+        click.echo(f"mistakes: {report['mistakes_json']}")
+
+
+@main.command("calibrate")
+@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True),
+              help="Images the model's weights never saw (e.g. its test set).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--fit-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=0.5, show_default=True,
+              help="Share of each class that fits the temperature and the unsure threshold; the "
+                   "rest measures the calibration error.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_root", type=click.Path(file_okay=False), default=None,
+              help="Model root to publish into. Default: the model's own root.")
+@_fail_clearly
+def calibrate_cmd(model_dir, data_path, split, fit_fraction, seed, out_root):
+    """Fit a temperature and an unsure rule on held-out images; publish the next version."""
+    from convnet import calibrate, data, modeldir
+    from convnet.evaluate import load_predictor
+
+    size = load_predictor(model_dir).input_size
+    splits = data.load_dataset(data_path, size=size)
+    chosen = splits.get(split)
+    if chosen is None:
+        raise CliError(f"{data_path} has no {split} split")
+    vdir = modeldir.resolve_version(model_dir)
+    if chosen.classes != modeldir.load_labels(vdir):
+        raise CliError(f"dataset classes {chosen.classes} differ from the model's")
+    published = calibrate.calibrate_version(vdir, chosen.images, chosen.labels,
+                                            fit_fraction=fit_fraction, seed=seed,
+                                            source=f"{data_path} ({split})", out_root=out_root)
+    click.echo(calibrate.summary(published))
 
 
 @main.command()

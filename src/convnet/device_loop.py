@@ -86,7 +86,8 @@ class RunResult:
         """The trained weights in a fresh float32 model (whitening stem frozen, as built)."""
         values = dict(zip(self.trainer.trainable_paths, self.trainable, strict=True))
         values.update(zip(self.trainer.non_trainable_paths, self.non_trainable, strict=True))
-        model = models.build(self.trainer.preset, self.trainer.num_classes)
+        model = models.build(self.trainer.preset, self.trainer.num_classes,
+                             stats=self.trainer.stats)
         for variable in model.variables:
             variable.assign(np.asarray(values[variable.path], dtype=variable.dtype))
         return model
@@ -96,21 +97,22 @@ class DeviceTrainer:
     """Compiled training and evaluation for one (preset, classes, batch, data size, precision)."""
 
     def __init__(self, preset: str, num_classes: int, batch_size: int, num_train: int,
-                 precision: str = "float32", scan: bool | None = None):
+                 precision: str = "float32", scan: bool | None = None,
+                 stats: models.PixelStats = models.CIFAR_STATS):
         if preset not in models.PRESETS:
             raise ValueError(f"the device loop trains the airbench presets "
                              f"({', '.join(models.PRESETS)}), not {preset!r}")
         if num_train < batch_size:
             raise ValueError(f"{num_train} training images is fewer than one batch of "
                              f"{batch_size}")
-        self.preset, self.num_classes = preset, num_classes
+        self.preset, self.num_classes, self.stats = preset, num_classes, stats
         self.batch_size, self.num_train = batch_size, num_train
         self.batches_per_epoch = num_train // batch_size
         policy = "mixed_bfloat16" if precision == "bfloat16" else "float32"
         previous = keras.config.dtype_policy()
         keras.config.set_dtype_policy(policy)
         try:
-            self.model = models.build(preset, num_classes)
+            self.model = models.build(preset, num_classes, stats=stats)
         finally:
             keras.config.set_dtype_policy(previous)
         self.model.get_layer("whiten").trainable = True  # its bias trains; the kernel is masked
@@ -142,7 +144,8 @@ class DeviceTrainer:
     # ---- initial weights -------------------------------------------------------------------
 
     def _whiten_kernel(self, images):
-        return models.whitening_kernel(images, self.whiten_size, self.whiten_width, xp=jnp)
+        return models.whitening_kernel(images, self.whiten_size, self.whiten_width, self.stats,
+                                       xp=jnp)
 
     def _init_impl(self, key, whiten_images):
         params = []
@@ -294,6 +297,9 @@ class DeviceTrainer:
             time_limit: float | None = None, on_epoch=None) -> RunResult:
         """Train from scratch on uint8 (N, 32, 32, 3) images; seconds count from here to the
         test accuracy (data transfer, whitening, training, evaluation)."""
+        if images.shape[1:] != (32, 32, 3):
+            raise ValueError(f"the device loop trains on 32x32 images only, got "
+                             f"{images.shape[1]}x{images.shape[2]}: use the fit loop")
         if len(images) != self.num_train:
             raise ValueError(f"this trainer was compiled for {self.num_train} images, "
                              f"got {len(images)}")
@@ -367,9 +373,10 @@ _TRAINERS: dict[tuple, DeviceTrainer] = {}
 
 
 def trainer(preset: str, num_classes: int, batch_size: int, num_train: int,
-            precision: str, scan: bool | None = None) -> DeviceTrainer:
+            precision: str, scan: bool | None = None,
+            stats: models.PixelStats = models.CIFAR_STATS) -> DeviceTrainer:
     """A cached DeviceTrainer: compiled functions survive between runs in one process."""
-    key = (preset, num_classes, batch_size, num_train, precision, scan)
+    key = (preset, num_classes, batch_size, num_train, precision, scan, stats)
     if key not in _TRAINERS:
         _TRAINERS[key] = DeviceTrainer(*key)
     return _TRAINERS[key]

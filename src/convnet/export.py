@@ -1,6 +1,7 @@
 """Export a Keras model to the formats servers load: ONNX (ours) and SavedModel (TF Serving).
 
-Both take raw uint8 pixels [N, 32, 32, 3] and return class probabilities [N, C]. Needs the
+Both take raw uint8 pixels [N, S, S, 3], S being the Keras model's fixed input size (32 for
+CIFAR-10), and return class probabilities [N, C]. Needs the
 `train` extra (TensorFlow, Keras, tf2onnx). An ONNX file is written only after it agrees with Keras,
 and `export_version` never modifies a published version: it publishes the export as the next one.
 """
@@ -39,6 +40,20 @@ class ExportError(ValueError):
     """An export that was refused or failed its check; nothing was written."""
 
 
+def _input_size(model) -> int:
+    """S of a Keras model taking uint8 [N, S, S, 3]; ExportError for any other input shape."""
+    try:
+        return modeldir.image_size(model.input_shape, {}, "the Keras model")
+    except modeldir.ModelDirError as exc:
+        raise ExportError(f"cannot export: {exc}") from None
+
+
+def _onnx_input_shape(onnx_model) -> list:
+    """The graph input's dimensions: ints where fixed, names (or None) where symbolic."""
+    dims = onnx_model.graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
+
 def export_onnx(model, path: str | os.PathLike, *, check_images: np.ndarray | None = None) -> float:
     """Write `model` (uint8 pixels -> probabilities) as ONNX at `path`, only once it agrees with
     Keras on `check_images` (random pixels if None) within ONNX_TOLERANCE; returns the max abs
@@ -47,8 +62,10 @@ def export_onnx(model, path: str | os.PathLike, *, check_images: np.ndarray | No
     import onnxruntime as ort
 
     path = Path(path)
+    size = _input_size(model)
     if check_images is None:
-        check_images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+        check_images = np.random.default_rng(0).integers(0, 256, (16, size, size, 3),
+                                                         dtype=np.uint8)
     theirs = np.asarray(model(check_images, training=False))  # also builds a fresh model
     with tempfile.TemporaryDirectory(prefix="convnet-onnx-") as tmp:  # not where a server looks
         raw = Path(tmp) / "raw.onnx"
@@ -57,6 +74,10 @@ def export_onnx(model, path: str | os.PathLike, *, check_images: np.ndarray | No
             model.export(str(raw), format="onnx", verbose=False)
         onnx_model = onnx.load(str(raw))
     _rename_io(onnx_model)
+    onnx_shape = _onnx_input_shape(onnx_model)
+    if onnx_shape[1:] != [size, size, 3]:  # servers need S fixed in the graph, as Keras has it
+        raise ExportError(f"the ONNX export takes input shape {onnx_shape}, expected "
+                          f"[N, {size}, {size}, 3] as the Keras model; {path} not written")
     onnx_model.doc_string = f"convnet {model.name}: uint8 pixels -> probabilities"
     onnx.checker.check_model(onnx_model)
     serialized = onnx_model.SerializeToString()
@@ -76,14 +97,17 @@ def export_onnx(model, path: str | os.PathLike, *, check_images: np.ndarray | No
 
 def export_saved_model(model, directory: str | os.PathLike) -> Path:
     """Write a TensorFlow SavedModel whose `serving_default` signature takes uint8
-    [N, 32, 32, 3] `pixels` and returns `probabilities`: what TF Serving loads from
+    [N, S, S, 3] `pixels` and returns `probabilities`: what TF Serving loads from
     `<root>/<version>/`. Files are staged in a temporary folder and moved in at the end."""
     import tensorflow as tf
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT_NAME)])
+    size = _input_size(model)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8,
+                                                name=INPUT_NAME)])
     def serve(pixels):
         return {OUTPUT_NAME: model(pixels, training=False)}
 
@@ -143,6 +167,7 @@ def export_version(model_dir: str | os.PathLike | None, fmt: str,
                           f"never modified; leave out --out to publish the export as the next "
                           f"version, or write elsewhere")
     model = keras.models.load_model(source, compile=False)
+    modeldir.version_image_size(vdir, model.input_shape, modeldir.KERAS_FILE)  # or refuse
     if target is None and not vdir.name.isdigit():  # a lone folder, not a version a server polls
         target = vdir / modeldir.ONNX_FILE if fmt == "onnx" else vdir
     if target is not None:

@@ -1,16 +1,23 @@
-"""Turn one encoded image (bytes) into the pixels every model here eats: uint8 (32, 32, 3).
+"""Turn one encoded image (bytes) into the pixels a model eats: uint8 (S, S, 3).
 
-The same function serves every door: the web form, the JSON and TF Serving APIs, the V2 protocol,
-`convnet predict` and the image-folder dataset loader, so an upload and a training image are
-prepared identically.
+S is the model's input size, which each model directory fixes (`convnet.modeldir.image_size`):
+32 for CIFAR-10 and the bundled model (`SIZE`, the default), often 64 to 224 for photos. The same
+function serves every door: the web form, the JSON and TF Serving APIs, the V2 protocol,
+`convnet predict`, `convnet evaluate` and the image-folder dataset loader, so an upload and a
+training image are prepared identically, at the size of the model that will see them.
 
-Policy, in order:
+Policy, in order, the same for every S:
 1. Only JPEG, PNG, GIF (first frame), BMP and WebP are opened; anything else is refused.
 2. The pixel count is read from the header and checked against a limit *before* decoding, so a
    decompression bomb costs nothing.
-3. EXIF orientation is applied, any mode becomes RGB (transparency is composited onto white).
-4. The largest centred square is cropped and resized to 32x32 with an antialiasing filter. Images
-   that are already 32x32 pass through untouched.
+3. A JPEG is decoded at the smallest of 1/8, 1/4, 1/2 or full scale that still leaves at least
+   2S pixels on each side (libjpeg's draft mode): a 40 Mpx photo costs 1/64 of its pixels for
+   any S up to 1/16 of its shorter side. Other formats decode whole. Either way, what is
+   decoded is counted before decoding (`reserve`), so a caller can bound the memory of many
+   decodes at once; resizing to S x S adds only about S x (its shorter side) pixels.
+4. EXIF orientation is applied, any mode becomes RGB (transparency is composited onto white).
+5. The largest centred square is cropped and resized to S x S with a Lanczos filter, shrinking
+   or enlarging as needed. An image that is already S x S passes through untouched.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-SIZE = 32  # model input side, pixels
+SIZE = 32  # default `size`, pixels: the side of CIFAR-10 images and of the bundled model
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 MAX_PIXELS = 40_000_000  # default bomb limit: width * height from the header
 
@@ -159,8 +166,8 @@ def _open(data: bytes, max_pixels: int, size: int) -> Image.Image:
         )
     if img.format == "JPEG":
         try:
-            # Let libjpeg decode at 1/2..1/8 scale when the target is much smaller; img.size
-            # becomes the reduced size.
+            # Let libjpeg decode at 1/2..1/8 scale while at least 2 x size pixels remain on
+            # each side (policy 3); img.size becomes the reduced size.
             img.draft("RGB", (size * 2, size * 2))
         except Exception as exc:
             raise ImageError(f"corrupt or truncated JPEG image: {exc}") from None

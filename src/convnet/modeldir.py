@@ -2,11 +2,16 @@
 
 Layout (TensorFlow Serving's): ``ROOT/<integer version>/`` holding
 
-    model.onnx     the network, input "pixels" uint8 (N, 32, 32, 3), output "probabilities" (N, C)
+    model.onnx     the network, input "pixels" uint8 (N, S, S, 3), output "probabilities" (N, C)
     model.keras    the Keras model (absent from the bundled model, which ships ONNX only)
     labels.json    ["airplane", "automobile", ...], index = class id
     metrics.json   test accuracy, per-class accuracy, training time, hardware, ...
     config.json    the training configuration that produced it
+
+S, the side of the square images the model takes, is the network's own: the input's height and
+width are fixed integers in the graph. Consumers read it from there (`image_size`), and every
+`image_size` that config.json and metrics.json record must agree with it. Models from before
+the size was recorded (the bundled CIFAR-10 model, S = 32) record none.
 
 A version is written into a hidden staging folder and renamed into place, so a reader (a server
 polling for new versions) sees either nothing or a complete version, never a half-written one.
@@ -18,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -98,6 +104,52 @@ def load_labels(version_dir: Path) -> list[str]:
 
 def load_metrics(version_dir: Path) -> dict:
     return read_json(Path(version_dir) / METRICS_FILE, default={})
+
+
+def load_config(version_dir: Path) -> dict:
+    return read_json(Path(version_dir) / CONFIG_FILE, default={})
+
+
+def image_size(input_shape, records: Mapping[str, object], model_file: str = ONNX_FILE) -> int:
+    """S for a model whose input shape is `input_shape` ([N, S, S, 3] as ONNX Runtime or Keras
+    report it: the batch may be symbolic, the sides may not), checked against the `image_size`
+    each of `records` (file name -> its parsed JSON, e.g. config.json's) holds, if any.
+
+    Raises ModelDirError with a reason that names no path, so a server may show it to clients.
+    """
+    shape = list(input_shape)
+    if len(shape) != 4 or shape[3] != 3:
+        raise ModelDirError(f"{model_file} takes input shape {shape}, expected [N, S, S, 3]")
+    height, width = shape[1], shape[2]
+    if not all(isinstance(side, int) and side > 0 for side in (height, width)):
+        raise ModelDirError(f"{model_file} takes input shape {shape}: its height and width must "
+                            "be fixed integers, [N, S, S, 3]")
+    if height != width:
+        raise ModelDirError(f"{model_file} takes {height}x{width} images: expected square ones, "
+                            "[N, S, S, 3]")
+    for name, record in records.items():
+        if not isinstance(record, dict):
+            raise ModelDirError(f"{name} must hold a JSON object")
+        recorded = record.get("image_size")
+        if recorded is None:
+            continue
+        if not isinstance(recorded, int) or isinstance(recorded, bool):
+            raise ModelDirError(f"{name}: image_size must be an integer, not {recorded!r}")
+        if recorded != height:
+            raise ModelDirError(f"{name} says image_size {recorded}, but {model_file} takes "
+                                f"{height}x{height} images")
+    return height
+
+
+def version_image_size(version_dir: Path, input_shape, model_file: str = ONNX_FILE) -> int:
+    """`image_size` for the model in `version_dir`, checked against its config.json and
+    metrics.json; here the error names the folder."""
+    version_dir = Path(version_dir)
+    records = {CONFIG_FILE: load_config(version_dir), METRICS_FILE: load_metrics(version_dir)}
+    try:
+        return image_size(input_shape, records, model_file)
+    except ModelDirError as exc:
+        raise ModelDirError(f"{version_dir}: {exc}") from None
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, object] = {
     # that does not fit gets 503 + Retry-After. None = MAX_IMAGE_PIXELS; never less than that.
     "DECODE_BUDGET_PIXELS": None,
     "MAX_IMAGES_PER_REQUEST": 64,  # images per request
+    "MAX_EXPLAIN_IMAGES": 8,  # images per request with explain=1 (49 extra model runs each)
     "RELOAD_INTERVAL": 2.0,  # seconds between polls of the model root for new versions; 0 = off
     "INFERENCE_THREADS": 1,  # ONNX Runtime threads per worker; 0 = one per core
     # Micro-batching (convnet.serve.batching): concurrent requests in a worker share inference
@@ -46,7 +47,8 @@ def _normalise(config) -> None:
     if config["DECODE_BUDGET_PIXELS"] in (None, ""):
         config["DECODE_BUDGET_PIXELS"] = config["MAX_IMAGE_PIXELS"]
     for key in ("MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS", "DECODE_BUDGET_PIXELS",
-                "MAX_IMAGES_PER_REQUEST", "INFERENCE_THREADS", "BATCH_MAX_SIZE"):
+                "MAX_IMAGES_PER_REQUEST", "MAX_EXPLAIN_IMAGES", "INFERENCE_THREADS",
+                "BATCH_MAX_SIZE"):
         config[key] = int(config[key])
     if config["DECODE_BUDGET_PIXELS"] < config["MAX_IMAGE_PIXELS"]:
         # Else an image within the per-image limit could never be decoded, even by an idle worker.
@@ -69,7 +71,7 @@ def create_app(config: dict | None = None) -> Flask:
     # Imported here rather than at the top: `convnet.serve.server` is a submodule, so importing it
     # runs this file first, and it must set PROMETHEUS_MULTIPROC_DIR before prometheus_client is
     # imported (the client picks its storage once, at import).
-    from convnet.serve import api, cors, ops, pipeline, tfserving, v2, web
+    from convnet.serve import api, cors, modelpage, ops, pipeline, tfserving, v2, web
     from convnet.serve.batching import ModelBatchers
     from convnet.serve.decode import DecodeBudget
     from convnet.serve.errors import register_error_handlers
@@ -113,6 +115,6 @@ def create_app(config: dict | None = None) -> Flask:
     app.teardown_request(pipeline.withdraw_arrival)
     register_error_handlers(app)
     cors.install(app)
-    for module in (web, api, tfserving, v2, ops):
+    for module in (web, modelpage, api, tfserving, v2, ops):
         app.register_blueprint(module.bp)
     return app

@@ -4,6 +4,8 @@ Accepts one or many images as multipart `file` fields, one image as a raw `image
 `{"instances": [{"b64": "..."}, ...]}`, and answers the top-k classes per image in request order:
 
     curl -F file=@cat.jpg 'http://127.0.0.1:8000/api/v1/predict?top_k=3'
+
+`?explain=1` adds to each answer the pixels that drove it (convnet.serve.explain).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from flask import Blueprint, request
 
 from convnet.serve.decode import b64_to_bytes, check_count, decode_images
 from convnet.serve.errors import ApiError
-from convnet.serve.pipeline import get_model, infer, max_images, max_parts
+from convnet.serve.explain import check_explain_count, explanations, parse_explain
+from convnet.serve.pipeline import get_model, infer_scored, max_images, max_parts
 from convnet.serve.postprocess import parse_top_k, predictions
 from convnet.serve.uploads import form_files, media_type, read_json_body
 
@@ -64,10 +67,18 @@ def request_blobs() -> list[bytes]:
 def predict():
     model = get_model()
     k = parse_top_k(request.args.get("top_k"), model.num_classes)
-    pixels = decode_images(request_blobs())  # (N, 32, 32, 3) uint8
-    probs = infer(model, pixels)
+    explain = parse_explain(request.args.get("explain"))
+    blobs = request_blobs()
+    if explain:
+        check_explain_count(len(blobs))  # before decoding: the limit bounds the work
+    pixels = decode_images(blobs, model.input_size)  # (N, S, S, 3) uint8
+    probs, scores = infer_scored(model, pixels)
+    answers = predictions(probs, model.labels, k, scores, model.unsure)
+    if explain:
+        for answer, explanation in zip(answers, explanations(model, pixels, probs), strict=True):
+            answer["explanation"] = explanation
     return {
         "model": model.name,
         "version": model.version,
-        "predictions": predictions(probs, model.labels, k),
+        "predictions": answers,
     }

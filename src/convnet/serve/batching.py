@@ -2,7 +2,7 @@
 
 ONNX Runtime answers a batch of 32 images much faster than 32 batches of one, but an HTTP request
 usually carries one image. A `MicroBatcher` owns one worker thread; request threads `submit` their
-(n, 32, 32, 3) uint8 arrays and block, the worker concatenates what is queued into one call and
+(n, S, S, 3) uint8 arrays and block, the worker concatenates what is queued into one call and
 hands each caller its own rows of the answer, in order.
 
 When does the worker run a batch? It never sleeps on a guess:
@@ -30,7 +30,7 @@ fails during a swap.
 
     batcher = MicroBatcher(model.predict, max_batch_size=64, max_delay_s=0.002)
     arrival = batcher.expect()          # optional: "an image is coming", before decoding
-    probs = batcher.submit(pixels, arrival)   # (n, 32, 32, 3) uint8 -> (n, C)
+    probs = batcher.submit(pixels, arrival)   # (n, S, S, 3) uint8 -> (n, C)
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ Infer = Callable[[np.ndarray], np.ndarray]  # (N, ...) inputs -> (N, ...) output
 
 @dataclass(eq=False)
 class _Job:
-    pixels: np.ndarray  # (n, 32, 32, 3) uint8, n <= max_batch_size
+    pixels: np.ndarray  # (n, S, S, 3) uint8, n <= max_batch_size
     announced_before: int  # arrivals with a lower ticket were announced before this job queued
     queued_at: float = field(default_factory=time.monotonic)  # seconds, monotonic clock
     done: threading.Event = field(default_factory=threading.Event)

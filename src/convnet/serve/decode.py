@@ -1,5 +1,7 @@
-"""Step 1 of serving: whatever a protocol carries -> uint8 (N, 32, 32, 3), or a 4xx saying why.
+"""Step 1 of serving: whatever a protocol carries -> uint8 (N, S, S, 3), or a 4xx saying why.
 
+S is the input size of the model the request holds (`LoadedModel.input_size`): each request
+decodes for the model it will run on, so a hot swap to a model of another size is harmless.
 Two kinds of input reach here: encoded images (multipart files, raw bodies, base64 strings), which
 all go through `convnet.imaging.decode_image`, and pixel tensors given as JSON numbers (TF Serving
 instances, V2 UINT8/FP32 tensors), which are checked for shape, type and range.
@@ -21,7 +23,6 @@ import numpy as np
 
 from convnet.imaging import ImageError, decode_image
 from convnet.serve.errors import ApiError
-from convnet.serve.model import INPUT_SHAPE
 from convnet.serve.pipeline import decode_budget, max_pixels
 
 RETRY_AFTER_S = 1  # a 40 Mpx image decodes in about a second on one core of the dev machine
@@ -64,9 +65,11 @@ class DecodeBudget:
                 self.in_use -= pixels
 
 
-def decode_upload(blob: bytes) -> np.ndarray:
-    """One encoded image -> (32, 32, 3) uint8, within this app's pixel limit and decode budget."""
-    return decode_image(blob, max_pixels=max_pixels(), reserve=decode_budget().reserve)
+def decode_upload(blob: bytes, size: int) -> np.ndarray:
+    """One encoded image -> (size, size, 3) uint8, within this app's pixel limit and decode
+    budget."""
+    return decode_image(blob, max_pixels=max_pixels(), size=size,
+                        reserve=decode_budget().reserve)
 
 
 def check_count(count: int, cap: int) -> None:
@@ -90,14 +93,14 @@ def b64_to_bytes(value, where: str) -> bytes:
         raise ApiError(f"{where}: invalid base64 data") from None
 
 
-def decode_images(blobs: Sequence[bytes]) -> np.ndarray:
-    """Encoded images -> (N, 32, 32, 3) uint8, one after the other. An error names the image by
-    position (never by the client's file name) and keeps imaging's status (413 for too many
+def decode_images(blobs: Sequence[bytes], size: int) -> np.ndarray:
+    """Encoded images -> (N, size, size, 3) uint8, one after the other. An error names the image
+    by position (never by the client's file name) and keeps imaging's status (413 for too many
     pixels)."""
-    pixels = np.empty((len(blobs), *INPUT_SHAPE), dtype=np.uint8)
+    pixels = np.empty((len(blobs), size, size, 3), dtype=np.uint8)
     for i, blob in enumerate(blobs):
         try:
-            pixels[i] = decode_upload(blob)
+            pixels[i] = decode_upload(blob, size)
         except ImageError as exc:
             if len(blobs) == 1:
                 raise
@@ -106,15 +109,17 @@ def decode_images(blobs: Sequence[bytes]) -> np.ndarray:
 
 
 def pixels_from_numbers(
-    data, where: str, *, whole: bool = True, single: bool = False, shape: list | None = None
+    data, where: str, size: int, *, whole: bool = True, single: bool = False,
+    shape: list | None = None,
 ) -> np.ndarray:
-    """Nested JSON numbers -> uint8 (N, 32, 32, 3); `single` takes one (32, 32, 3) image.
+    """Nested JSON numbers -> uint8 (N, size, size, 3); `single` takes one (size, size, 3) image.
 
     whole: insist on integers, as a uint8 tensor must hold; otherwise (FP32 input) values are
     rounded to the nearest integer, since the model itself eats uint8.
     shape: the declared shape of flat (or nested) `data`, as the V2 protocol sends it.
     """
-    want = list(INPUT_SHAPE) if single else ["N", *INPUT_SHAPE]
+    image_shape = (size, size, 3)
+    want = f"[{size}, {size}, 3]" if single else f"[N, {size}, {size}, 3]"
     try:
         array = np.asarray(data)
     except (ValueError, TypeError, OverflowError, RecursionError):
@@ -131,7 +136,7 @@ def pixels_from_numbers(
             )
         array = array.reshape(shape)
     expected_ndim = 3 if single else 4
-    if array.ndim != expected_ndim or tuple(array.shape[-3:]) != INPUT_SHAPE:
+    if array.ndim != expected_ndim or tuple(array.shape[-3:]) != image_shape:
         raise ApiError(f"{where}: shape {list(array.shape)}, expected {want}")
     if array.dtype.kind == "f":
         if not np.all(np.isfinite(array)):

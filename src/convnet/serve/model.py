@@ -1,13 +1,16 @@
 """One loaded model version: an ONNX Runtime session plus its labels and metrics.
 
 `load_model` refuses a version that cannot serve: it opens the session, checks the input and
-output signatures against the contract in `convnet.modeldir`, and runs a test inference, so a
-broken export is caught before any request sees it. The refusal's `reason` is short and may be
-shown to anyone; its full text (paths, ONNX Runtime's own error) is for the log.
+output signatures against the contract in `convnet.modeldir` (uint8 [N, S, S, 3] in, S fixed in
+the graph and equal to any image_size config.json and metrics.json record), and runs a test
+inference, so a broken export is caught before any request sees it. The refusal's `reason` is
+short and may be shown to anyone; its full text (paths, ONNX Runtime's own error) is for the
+log.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,19 +18,21 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from convnet.imaging import SIZE
+from convnet.calibration import CALIBRATION_FILE, UnsureRule, unsure_scores
 from convnet.modeldir import (
+    CONFIG_FILE,
     LABELS_FILE,
     METRICS_FILE,
     ONNX_FILE,
     ModelDirError,
+    image_size,
+    load_config,
     load_labels,
     load_metrics,
     model_name,
     version_number,
 )
 
-INPUT_SHAPE = (SIZE, SIZE, 3)  # one image, height x width x RGB
 OUTPUT_NAME = "probabilities"  # what the HTTP protocols call the output, whatever ONNX calls it
 
 
@@ -53,11 +58,19 @@ class LoadedModel:
     version: int
     path: Path
     fixed_batch: bool  # the graph only takes N == 1, so batches are fed one image at a time
+    input_size: int  # S: the model takes (N, S, S, 3) uint8 pixels; every door decodes to it
+    unsure: UnsureRule | None = None  # from calibration.json; None: the model has no such rule
+    calibration: dict | None = None  # calibration.json as read (temperature, ece, ...)
     loaded_at: float = field(default_factory=time.time)  # Unix seconds
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One image: height x width x RGB."""
+        return (self.input_size, self.input_size, 3)
 
     @property
     def accuracy(self) -> float | None:
@@ -66,18 +79,39 @@ class LoadedModel:
         return float(value) if isinstance(value, int | float) else None
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, 32, 32, 3) uint8 -> (N, C) float32 probabilities. ONNX Runtime sessions are
-        thread-safe, so concurrent requests share one session."""
+        """(N, S, S, 3) uint8 -> (N, C) float32 probabilities, followed, when the model has an
+        unsure rule, by one more column: each image's unsure score (`split` takes them apart).
+        One array, so the micro-batcher can stack and slice rows without knowing. ONNX Runtime
+        sessions are thread-safe, so concurrent requests share one session."""
         if self.fixed_batch:
-            rows = [self.session.run(None, {self.input_name: pixels[i : i + 1]})[0]
-                    for i in range(len(pixels))]
-            return np.concatenate(rows).astype(np.float32, copy=False)
-        return self.session.run(None, {self.input_name: pixels})[0].astype(np.float32, copy=False)
+            rows = [self._run(pixels[i : i + 1]) for i in range(len(pixels))]
+            return np.concatenate(rows)
+        return self._run(pixels)
+
+    def _run(self, pixels: np.ndarray) -> np.ndarray:
+        rule = self.unsure
+        names = [self.session.get_outputs()[0].name]
+        if rule is not None and rule.output is not None:
+            names.append(rule.output)
+        outputs = self.session.run(names, {self.input_name: pixels})
+        probs = outputs[0].astype(np.float32, copy=False)
+        if rule is None:
+            return probs
+        scores = unsure_scores(rule.score, probs, outputs[1] if len(outputs) > 1 else None)
+        return np.concatenate([probs, scores[:, None].astype(np.float32)], axis=1)
+
+    def split(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """What `predict` returned -> (probabilities (N, C), unsure scores (N,) or None)."""
+        if self.unsure is None:
+            return out, None
+        return out[:, : self.num_classes], out[:, self.num_classes]
 
 
-def _check_signature(session: ort.InferenceSession, path: Path) -> bool:
-    """Raise LoadError unless the graph is uint8 (N, 32, 32, 3) -> float (N, C).
-    Returns whether the batch dimension is fixed at 1."""
+def _check_signature(session: ort.InferenceSession, records: dict,
+                     path: Path) -> tuple[bool, int]:
+    """Raise LoadError unless the graph is uint8 (N, S, S, 3) -> float (N, C), S as `records`
+    (config.json, metrics.json) say if they say. Returns whether the batch dimension is fixed
+    at 1, and S."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1:
         raise LoadError(f"expected one input, found {len(inputs)}", path)
@@ -86,24 +120,24 @@ def _check_signature(session: ort.InferenceSession, path: Path) -> bool:
     spec = inputs[0]
     if spec.type != "tensor(uint8)":
         raise LoadError(f"input {spec.name!r} is {spec.type}, expected tensor(uint8)", path)
-    shape = list(spec.shape)
-    # Symbolic dimensions come back as strings or None; only fixed ints can contradict us.
-    if len(shape) != 4 or any(
-        isinstance(dim, int) and dim != want
-        for dim, want in zip(shape[1:], INPUT_SHAPE, strict=True)
-    ):
-        raise LoadError(f"input shape {shape}, expected [N, 32, 32, 3]", path)
-    return shape[0] == 1
+    shape = list(spec.shape)  # symbolic dimensions come back as strings or None
+    try:
+        size = image_size(shape, records)
+    except ModelDirError as exc:
+        raise LoadError(str(exc), path) from None
+    return shape[0] == 1, size
 
 
 def _test_inference(model: LoadedModel) -> None:
     """Run two images through the model and check the output is a probability per class."""
-    probe = np.zeros((2, *INPUT_SHAPE), dtype=np.uint8)
-    probe[1] = np.arange(SIZE * SIZE * 3, dtype=np.uint32).reshape(INPUT_SHAPE) % 256
+    probe = np.zeros((2, *model.input_shape), dtype=np.uint8)
+    probe[1] = np.arange(probe[1].size, dtype=np.uint32).reshape(model.input_shape) % 256
     try:
-        probs = model.predict(probe)
+        probs, scores = model.split(model.predict(probe))
     except Exception as exc:  # ONNX Runtime raises its own exception types
         raise LoadError("test inference failed", model.path, exc) from None
+    if scores is not None and not np.all(np.isfinite(scores)):
+        raise LoadError("the unsure score is not finite for the test images", model.path)
     if probs.shape != (2, model.num_classes):
         raise LoadError(
             f"output shape {list(probs.shape)} for 2 images, expected "
@@ -132,6 +166,7 @@ def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
     metrics = _read(load_metrics, METRICS_FILE, version_dir)
     if not isinstance(metrics, dict):
         raise LoadError(f"{METRICS_FILE} must hold a JSON object", version_dir)
+    config = _read(load_config, CONFIG_FILE, version_dir)
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = inference_threads
@@ -144,7 +179,9 @@ def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
     except Exception as exc:
         raise LoadError(f"ONNX Runtime cannot load {ONNX_FILE}", version_dir, exc) from None
 
-    fixed_batch = _check_signature(session, version_dir)
+    fixed_batch, size = _check_signature(
+        session, {CONFIG_FILE: config, METRICS_FILE: metrics}, version_dir)
+    calibration, rule = _read_calibration(version_dir, session)
     model = LoadedModel(
         session=session,
         input_name=session.get_inputs()[0].name,
@@ -154,6 +191,9 @@ def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
         version=version_number(version_dir),
         path=version_dir,
         fixed_batch=fixed_batch,
+        input_size=size,
+        unsure=rule,
+        calibration=calibration,
     )
     _test_inference(model)
     return model
@@ -166,3 +206,23 @@ def _read(load, name: str, version_dir: Path):
         return load(version_dir)
     except (ModelDirError, OSError, ValueError) as exc:
         raise LoadError(f"{name} is missing or invalid", version_dir, exc) from None
+
+
+def _read_calibration(version_dir: Path, session: ort.InferenceSession):
+    """calibration.json's content and its unsure rule, or (None, None) for a version without
+    one (older versions, models never calibrated); a malformed one refuses the version."""
+    path = version_dir / CALIBRATION_FILE
+    if not path.is_file():
+        return None, None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            raise ValueError("it must hold a JSON object")
+        rule = UnsureRule.from_json(record["unsure"]) if "unsure" in record else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise LoadError(f"{CALIBRATION_FILE} is invalid", version_dir, exc) from None
+    outputs = {o.name for o in session.get_outputs()}
+    if rule is not None and rule.output is not None and rule.output not in outputs:
+        raise LoadError(f"{CALIBRATION_FILE}'s unsure rule needs the graph output "
+                        f"{rule.output!r}, which model.onnx lacks", version_dir)
+    return record, rule

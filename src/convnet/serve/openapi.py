@@ -1,12 +1,18 @@
 """The OpenAPI 3 description of every route, served at /openapi.json.
 
 Written by hand (a test checks it names exactly the routes the app registers), because the three
-prediction protocols are defined by their own specs, not by our function signatures.
+prediction protocols are defined by their own specs, not by our function signatures. The pixel
+shapes it gives are the served model's ([S, S, 3], S its input size), so it is built per request.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from convnet import __version__
+
+if TYPE_CHECKING:
+    from convnet.serve.model import LoadedModel
 
 JSON = "application/json"
 
@@ -35,6 +41,10 @@ VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type":
            "description": "Model version (an integer); only the served version answers"}
 TOP_K = {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 5},
          "description": "Classes per image, most probable first (at most the number of classes)"}
+EXPLAIN = {"name": "explain", "in": "query", "schema": {"type": "boolean", "default": False},
+           "description": "1 or true: add to each answer an `explanation`, which pixels drove its "
+                          "top class (an occlusion map: 49 extra model runs per image). At most "
+                          "MAX_EXPLAIN_IMAGES images (default 8) per request; more get a 400"}
 
 
 def _get(summary: str, schema: dict, tag: str, params=(), extra=None) -> dict:
@@ -55,9 +65,9 @@ def _versioned(paths: dict, base: str, suffix: str, item_for) -> None:
     paths[f"{base}/versions/{{version}}{suffix}"] = item_for([NAME, VERSION])
 
 
+FILES_FIELD = {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}
 IMAGE_BODY = {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": FILES_FIELD}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     JSON: {"schema": _ref("InstancesB64")},
 }
@@ -68,17 +78,39 @@ SCHEMAS = {
         "type": "string", "format": "byte", "description": "base64 of a JPEG/PNG/GIF/BMP/WebP"}}},
     "InstancesB64": {"type": "object", "required": ["instances"], "properties": {
         "instances": {"type": "array", "items": _ref("B64")}}},
-    "Pixels": {"type": "array", "description": "[32, 32, 3] integers 0..255, RGB",
-               "items": {"type": "array", "items": {"type": "array", "items": {
-                   "type": "integer", "minimum": 0, "maximum": 255}}}},
     "TopK": {"type": "object", "properties": {"label": {"type": "string"},
                                               "index": {"type": "integer"},
                                               "probability": {"type": "number"}}},
+    "Explanation": {
+        "type": "object", "description": "Which pixels drove the top answer (with explain=1)",
+        "properties": {
+            "method": {"type": "string", "enum": ["occlusion"]},
+            "label": {"type": "string", "description": "the class explained: the top answer"},
+            "index": {"type": "integer"},
+            "grid": {"type": "integer", "description": "G: the heatmap is G x G cells over the "
+                     "S x S image the model saw (8)"},
+            "heatmap": {"type": "array", "description": "G rows of G numbers, top row first: "
+                        "per cell, the mean drop in the label's probability when a square of "
+                        "2 x 2 cells covering it is filled with the image's mean colour (> 0: "
+                        "the cell supports the answer; < 0: it speaks against it)",
+                        "items": {"type": "array", "items": {"type": "number"}}},
+            "overlay_png": {"type": "string", "format": "byte", "description": "base64 PNG, "
+                            "S x S: the image the model saw, tinted red in proportion to the "
+                            "positive heatmap"}}},
     "PredictResponse": {"type": "object", "properties": {
         "model": {"type": "string"}, "version": {"type": "integer"},
         "predictions": {"type": "array", "items": {"type": "object", "properties": {
             "label": {"type": "string"}, "probability": {"type": "number"},
-            "top_k": {"type": "array", "items": _ref("TopK")}}}}}},
+            "unsure": {"type": "boolean", "description":
+                       "calibrated models only: the image looks unlike what the model was "
+                       "trained on (its energy score is above the rule's threshold); the label "
+                       "may be none of the classes"},
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1, "description":
+                           "calibrated models only: 1 minus the share of correctly answered "
+                           "validation images that looked more familiar; unsure below the "
+                           "rule's flag rate (0.05)"},
+            "top_k": {"type": "array", "items": _ref("TopK")},
+            "explanation": _ref("Explanation")}}}}},
     "TFPredictRequest": {"type": "object", "description": "`instances` or `inputs`, not both",
                          "properties": {
                              "signature_name": {"type": "string"},
@@ -107,12 +139,6 @@ SCHEMAS = {
             "status": {"type": "object"}}}}}},
     "TFMetadata": {"type": "object", "properties": {"model_spec": {"type": "object"},
                                                     "metadata": {"type": "object"}}},
-    "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype", "data"],
-                 "properties": {
-                     "name": {"type": "string"},
-                     "shape": {"type": "array", "items": {"type": "integer"}},
-                     "datatype": {"type": "string", "enum": ["UINT8", "FP32", "BYTES"]},
-                     "data": {"type": "array", "items": {}}}},
     "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string"},
         "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": _ref("V2Tensor")},
@@ -129,7 +155,31 @@ SCHEMAS = {
 }
 
 
-def build_spec() -> dict:
+def _sized(size: int | None) -> dict:
+    """The schemas that carry the model's input shape: fixed lengths when a model is served."""
+    side = {"minItems": size, "maxItems": size} if size else {}
+    s = str(size) if size else "S"
+    served = "" if size else " (S: the served model's input size)"
+    return {
+        "Pixels": {"type": "array", "description": f"[{s}, {s}, 3] integers 0..255, RGB{served}",
+                   **side, "items": {"type": "array", **side, "items": {
+                       "type": "array", "minItems": 3, "maxItems": 3, "items": {
+                           "type": "integer", "minimum": 0, "maximum": 255}}}},
+        "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype", "data"],
+                     "properties": {
+                         "name": {"type": "string"},
+                         "shape": {"type": "array", "items": {"type": "integer"},
+                                   "description": f"[N, {s}, {s}, 3] for UINT8 and FP32 pixels"
+                                                  f"{served}, [N] or [N, 1] for BYTES"},
+                         "datatype": {"type": "string", "enum": ["UINT8", "FP32", "BYTES"]},
+                         "data": {"type": "array", "items": {}}}},
+    }
+
+
+def build_spec(model: LoadedModel | None = None) -> dict:
+    """The description of this server, with the shapes `model` takes (generic if None)."""
+    size = model.input_size if model is not None else None
+    side, served = (f"{size}x{size}" if size else None), "the served model's input size"
     html = {"description": "HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}
     obj = {"type": "object"}
     paths: dict = {
@@ -138,12 +188,21 @@ def build_spec() -> dict:
                     "tags": ["web"], "responses": {"200": html}},
             "post": {"summary": "The page's no-JavaScript form: answers the page with results",
                      "tags": ["web"],
-                     "requestBody": {"content": {"multipart/form-data": IMAGE_BODY[
-                         "multipart/form-data"]}},
+                     "requestBody": {"content": {"multipart/form-data": {"schema": {
+                         "type": "object", "properties": {
+                             **FILES_FIELD,
+                             "explain": {"type": "string", "enum": ["1"], "description":
+                                         "the page's checkbox: show which pixels drove each "
+                                         "answer"}}}}}},
                      "responses": {"200": html, "400": html, "413": html}},
         },
+        "/models/{name}": {"get": {
+            "summary": "Model page: test scores per class, confusion matrix, training curves, "
+                       "calibration, training facts, most confident mistakes",
+            "tags": ["web"], "parameters": [NAME],
+            "responses": {"200": html, "404": html, "503": html}}},
         "/api/v1/predict": _post("Classify one or more images (top-k per image, in order)",
-                                 IMAGE_BODY, _ref("PredictResponse"), "api", [TOP_K]),
+                                 IMAGE_BODY, _ref("PredictResponse"), "api", [TOP_K, EXPLAIN]),
         "/healthz": _get("Liveness", obj, "ops"),
         "/readyz": _get("Readiness: served model and refused versions", obj, "ops",
                         extra={"503": _json(obj, "No model loaded")}),
@@ -178,8 +237,9 @@ def build_spec() -> dict:
     return {
         "openapi": "3.0.3",
         "info": {"title": "convnet image classifier", "version": __version__,
-                 "description": "Classify 32x32 RGB images (any size is centre-cropped and "
-                                "resized). Errors are always {\"error\": \"...\"}."},
+                 "description": f"Classify {side + ' ' if side else ''}RGB images (any image "
+                                f"is centre-cropped and resized to {side or served}). Errors "
+                                "are always {\"error\": \"...\"}."},
         "paths": paths,
-        "components": {"schemas": SCHEMAS},
+        "components": {"schemas": {**SCHEMAS, **_sized(size)}},
     }

@@ -45,7 +45,7 @@ def metrics_route():
 
 @bp.get("/openapi.json")
 def openapi():
-    return build_spec()
+    return build_spec(holder().current)
 
 
 def _start_timer() -> None:

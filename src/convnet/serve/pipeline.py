@@ -64,9 +64,14 @@ def get_model(name: str | None = None, version: int | None = None) -> LoadedMode
 
 
 def infer(model: LoadedModel, pixels: np.ndarray) -> np.ndarray:
-    """(N, 32, 32, 3) uint8 -> (N, C) float32 probabilities, computed in a batch shared with
+    """(N, S, S, 3) uint8 -> (N, C) float32 probabilities, computed in a batch shared with
     the worker's concurrent requests for the same model."""
-    return batchers().run(model, pixels, g.pop("convnet_arrival", None))
+    return infer_scored(model, pixels)[0]
+
+
+def infer_scored(model: LoadedModel, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """As `infer`, plus each image's unsure score (None when the model has no unsure rule)."""
+    return model.split(batchers().run(model, pixels, g.pop("convnet_arrival", None)))
 
 
 def withdraw_arrival(exc: BaseException | None = None) -> None:

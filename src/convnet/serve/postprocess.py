@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from convnet.calibration import UnsureRule
 from convnet.serve.errors import ApiError
 
 DEFAULT_TOP_K = 5
@@ -30,11 +31,24 @@ def top_k(row: np.ndarray, labels: list[str], k: int) -> list[dict]:
     ]
 
 
-def predictions(probs: np.ndarray, labels: list[str], k: int) -> list[dict]:
-    """One entry per image, in request order."""
+def unsure_fields(count: int, scores: np.ndarray | None, rule: UnsureRule | None) -> list[dict]:
+    """Per image (`count` of them) `{"unsure": bool, "confidence": 0..1}` by the model's unsure
+    rule (see convnet.calibration), or `{}` each for a model without one."""
+    if rule is None or scores is None:
+        return [{} for _ in range(count)]
+    confidence, unsure = rule.confidence(scores), rule.unsure(scores)
+    return [{"unsure": bool(u), "confidence": round(float(c), 4)}
+            for u, c in zip(unsure, confidence, strict=True)]
+
+
+def predictions(probs: np.ndarray, labels: list[str], k: int,
+                scores: np.ndarray | None = None, rule: UnsureRule | None = None) -> list[dict]:
+    """One entry per image, in request order; with an unsure rule, each also says whether the
+    image looks unlike anything the model was trained on."""
+    extra = unsure_fields(len(probs), scores, rule)
     out = []
-    for row in probs:
+    for row, fields in zip(probs, extra, strict=True):
         best = top_k(row, labels, k)
         out.append({"label": best[0]["label"], "probability": best[0]["probability"],
-                    "top_k": best})
+                    **fields, "top_k": best})
     return out

@@ -1,12 +1,13 @@
 """TensorFlow Serving's REST API, so its clients work unchanged against this server.
 
     GET  /v1/models/NAME[/versions/V]             model status
-    GET  /v1/models/NAME[/versions/V]/metadata    signature: uint8 [-1,32,32,3] -> float [-1,C]
+    GET  /v1/models/NAME[/versions/V]/metadata    signature: uint8 [-1,S,S,3] -> float [-1,C]
     POST /v1/models/NAME[/versions/V]:predict     {"instances": [...]} or {"inputs": [...]}
     POST /v1/models/NAME[/versions/V]:classify    {"examples": [{"image": {"b64": ...}}]}
 
-An instance is an encoded image `{"b64": "..."}` or a [32, 32, 3] array of 0..255 integers; the
-named-input form `{"<input name>": <either>}` works too. Errors are `{"error": "..."}`.
+An instance is an encoded image `{"b64": "..."}` or an [S, S, 3] array of 0..255 integers, S
+being the served model's input size; the named-input form `{"<input name>": <either>}` works too.
+Errors are `{"error": "..."}`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flask import Blueprint
 from convnet.imaging import ImageError
 from convnet.serve.decode import b64_to_bytes, check_count, decode_upload, pixels_from_numbers
 from convnet.serve.errors import ApiError
-from convnet.serve.model import INPUT_SHAPE, OUTPUT_NAME, LoadedModel
+from convnet.serve.model import OUTPUT_NAME, LoadedModel
 from convnet.serve.pipeline import get_model, holder, infer, max_images
 from convnet.serve.uploads import read_json_body
 
@@ -61,7 +62,7 @@ def metadata(name: str, version: int | None = None):
     model = get_model(name, version)
     signature = {
         "inputs": {model.input_name: _tensor_info(model.input_name, "DT_UINT8",
-                                                  [-1, *INPUT_SHAPE])},
+                                                  [-1, *model.input_shape])},
         "outputs": {OUTPUT_NAME: _tensor_info(OUTPUT_NAME, "DT_FLOAT", [-1, model.num_classes])},
         "method_name": "tensorflow/serving/predict",
     }
@@ -77,8 +78,8 @@ def _check_signature(payload: dict) -> None:
         raise ApiError(f"serving signature {name!r} not found; the only one is {SIGNATURE!r}")
 
 
-def _instance_pixels(item, where: str) -> np.ndarray:
-    """One instance -> (32, 32, 3) uint8."""
+def _instance_pixels(item, where: str, size: int) -> np.ndarray:
+    """One instance -> (size, size, 3) uint8."""
     if isinstance(item, dict) and "b64" not in item:
         if len(item) != 1:
             raise ApiError(f"{where}: this model has one input; got keys {sorted(item)}")
@@ -86,24 +87,26 @@ def _instance_pixels(item, where: str) -> np.ndarray:
         where = f"{where}.{where_key}"
     if isinstance(item, dict):
         try:
-            return decode_upload(b64_to_bytes(item["b64"], where))
+            return decode_upload(b64_to_bytes(item["b64"], where), size)
         except ImageError as exc:
             raise ImageError(f"{where}: {exc}", exc.status) from None
     if isinstance(item, list):
-        return pixels_from_numbers(item, where, single=True)[0]
+        return pixels_from_numbers(item, where, size, single=True)[0]
     raise ApiError(
-        f'{where}: expected {{"b64": "<base64 image>"}} or a [32, 32, 3] array of 0..255 '
-        f"integers, not {type(item).__name__}"
+        f'{where}: expected {{"b64": "<base64 image>"}} or a [{size}, {size}, 3] array of '
+        f"0..255 integers, not {type(item).__name__}"
     )
 
 
-def _batch_pixels(rows, where: str) -> np.ndarray:
+def _batch_pixels(rows, where: str, size: int) -> np.ndarray:
+    """A list of instances -> (N, size, size, 3) uint8."""
     if not isinstance(rows, list):
         raise ApiError(f"{where} must be a list with one entry per image")
     check_count(len(rows), max_images())
     if not any(isinstance(row, dict) for row in rows):
-        return pixels_from_numbers(rows, where)  # all arrays: one conversion is much faster
-    return np.stack([_instance_pixels(row, f"{where}[{i}]") for i, row in enumerate(rows)])
+        return pixels_from_numbers(rows, where, size)  # all arrays: one conversion is faster
+    return np.stack([_instance_pixels(row, f"{where}[{i}]", size)
+                     for i, row in enumerate(rows)])
 
 
 @bp.post("/<name>:predict")
@@ -116,15 +119,15 @@ def predict(name: str, version: int | None = None):
         raise ApiError('the request must have either "instances" (row format) or "inputs" '
                        "(columnar format), not both or neither")
     if "instances" in payload:
-        probs = infer(model, _batch_pixels(payload["instances"], "instances"))
+        probs = infer(model, _batch_pixels(payload["instances"], "instances", model.input_size))
         return {"predictions": probs.tolist()}
-    inputs = payload["inputs"]
+    inputs, where = payload["inputs"], "inputs"
     if isinstance(inputs, dict) and "b64" not in inputs:
         if len(inputs) != 1:
             raise ApiError(f"this model has one input; got inputs {sorted(inputs)}")
         (key, inputs), = inputs.items()
-        return {"outputs": infer(model, _batch_pixels(inputs, f"inputs.{key}")).tolist()}
-    return {"outputs": infer(model, _batch_pixels(inputs, "inputs")).tolist()}
+        where = f"inputs.{key}"
+    return {"outputs": infer(model, _batch_pixels(inputs, where, model.input_size)).tolist()}
 
 
 def _example_image(example, where: str) -> bytes:
@@ -155,11 +158,11 @@ def classify(name: str, version: int | None = None):
     if not isinstance(examples, list):
         raise ApiError('expected {"examples": [{"image": {"b64": "<base64 image>"}}, ...]}')
     check_count(len(examples), max_images())
-    pixels = np.empty((len(examples), *INPUT_SHAPE), dtype=np.uint8)
+    pixels = np.empty((len(examples), *model.input_shape), dtype=np.uint8)
     for i, example in enumerate(examples):
         where = f"examples[{i}]"
         try:
-            pixels[i] = decode_upload(_example_image(example, where))
+            pixels[i] = decode_upload(_example_image(example, where), model.input_size)
         except ImageError as exc:
             raise ImageError(f"{where}: {exc}", exc.status) from None
     probs = infer(model, pixels)

@@ -114,31 +114,46 @@ def read_json_body(accepted: tuple[str, ...] = JSON_COMPATIBLE_TYPES):
     return payload
 
 
-def form_files(field: str, max_parts: int) -> list[tuple[str, bytes]]:
-    """(file name, content) of every part named `field` of a multipart/form-data body, in
-    order, leaving out empty nameless parts (what a browser sends when no file was chosen);
+def form_parts(max_parts: int) -> list[tuple[str, str, bytes]]:
+    """(field name, file name, content) of every part of a multipart/form-data body, in order;
     ApiError 400 for a malformed body or more than `max_parts` parts in all."""
     boundary = request.mimetype_params.get("boundary")
     if not boundary:
         raise ApiError("multipart/form-data without a boundary in its Content-Type header")
     body = request.get_data(cache=False)
-    files: list[tuple[str, bytes]] = []
-    chunks: list[bytes] | None = None
-    name = ""
+    parts: list[tuple[str, str, bytes]] = []
+    chunks: list[bytes] = []
+    field = name = ""
     try:
         with multipart.PushMultipartParser(boundary, len(body), max_header_size=MAX_PART_HEADER,
                                            max_segment_count=max_parts) as parser:
             for event in parser.parse(body):
                 if isinstance(event, multipart.MultipartSegment):
-                    chunks, name = ([] if event.name == field else None), event.filename or ""
+                    chunks, field, name = [], event.name, event.filename or ""
                 elif event is None:
-                    if chunks is not None and (chunks or name):
-                        files.append((name, b"".join(chunks)))
-                elif chunks is not None:
+                    parts.append((field, name, b"".join(chunks)))
+                else:
                     chunks.append(event)
     except multipart.ParserLimitReached as exc:
         raise ApiError(f"multipart body refused: {str(exc).lower()} (at most {max_parts} parts "
                        f"and {MAX_PART_HEADER} bytes per part header line)") from None
     except multipart.MultipartError as exc:
         raise ApiError(f"malformed multipart body: {str(exc).lower()}") from None
-    return files
+    return parts
+
+
+def files_named(parts: list[tuple[str, str, bytes]], field: str) -> list[tuple[str, bytes]]:
+    """(file name, content) of the parts named `field`, leaving out empty nameless ones (what a
+    browser sends when no file was chosen)."""
+    return [(name, data) for f, name, data in parts if f == field and (data or name)]
+
+
+def text_field(parts: list[tuple[str, str, bytes]], field: str) -> str | None:
+    """The first part named `field` as text (a form's checkbox or input), None if absent."""
+    return next((data.decode("utf-8", "replace") for f, _, data in parts if f == field), None)
+
+
+def form_files(field: str, max_parts: int) -> list[tuple[str, bytes]]:
+    """(file name, content) of every part named `field` of a multipart/form-data body, in
+    order, as `files_named` keeps them."""
+    return files_named(form_parts(max_parts), field)

@@ -4,8 +4,9 @@
     GET  /v2/models/NAME[/versions/V], /v2/models/NAME[/versions/V]/ready
     POST /v2/models/NAME[/versions/V]/infer
 
-One input tensor: UINT8 or FP32 [N, 32, 32, 3] pixels 0..255 (data flat row-major or nested), or
-BYTES [N] holding encoded images as base64 strings. One output: `probabilities` FP32 [N, C].
+One input tensor: UINT8 or FP32 [N, S, S, 3] pixels 0..255 (data flat row-major or nested; S is
+the served model's input size), or BYTES [N] holding encoded images as base64 strings. One
+output: `probabilities` FP32 [N, C].
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flask import Blueprint
 from convnet import __version__
 from convnet.serve.decode import b64_to_bytes, check_count, decode_images, pixels_from_numbers
 from convnet.serve.errors import ApiError
-from convnet.serve.model import INPUT_SHAPE, OUTPUT_NAME, LoadedModel
+from convnet.serve.model import OUTPUT_NAME, LoadedModel
 from convnet.serve.pipeline import get_model, holder, infer, max_images
 from convnet.serve.uploads import read_json_body
 
@@ -57,7 +58,8 @@ def _model_metadata(model: LoadedModel) -> dict:
         "name": model.name,
         "versions": [str(model.version)],
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": model.input_name, "datatype": "UINT8", "shape": [-1, *INPUT_SHAPE]}],
+        "inputs": [{"name": model.input_name, "datatype": "UINT8",
+                    "shape": [-1, *model.input_shape]}],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, model.num_classes]}],
     }
 
@@ -91,8 +93,8 @@ def _flatten(data) -> list:
     return data if isinstance(data, list) else [data]
 
 
-def _input_pixels(tensor) -> np.ndarray:
-    """One V2 input tensor -> (N, 32, 32, 3) uint8."""
+def _input_pixels(tensor, size: int) -> np.ndarray:
+    """One V2 input tensor -> (N, size, size, 3) uint8."""
     if not isinstance(tensor, dict):
         raise ApiError("inputs[0] must be an object with name, shape, datatype and data")
     datatype = tensor.get("datatype")
@@ -101,11 +103,12 @@ def _input_pixels(tensor) -> np.ndarray:
         raise ApiError("inputs[0] has no data")
     data = tensor["data"]
     if datatype in PIXEL_DATATYPES:
-        if len(shape) != 4 or tuple(shape[1:]) != INPUT_SHAPE:
-            raise ApiError(f"inputs[0].shape is {shape}, expected [N, 32, 32, 3] for {datatype}")
+        if len(shape) != 4 or shape[1:] != [size, size, 3]:
+            raise ApiError(f"inputs[0].shape is {shape}, expected [N, {size}, {size}, 3] for "
+                           f"{datatype}")
         check_count(shape[0], max_images())
-        return pixels_from_numbers(data, "inputs[0].data", whole=PIXEL_DATATYPES[datatype],
-                                   shape=shape)
+        return pixels_from_numbers(data, "inputs[0].data", size,
+                                   whole=PIXEL_DATATYPES[datatype], shape=shape)
     if datatype == "BYTES":
         if not shape or math.prod(shape[1:]) != 1:
             raise ApiError(f"inputs[0].shape is {shape}, expected [N] or [N, 1] for BYTES")
@@ -114,10 +117,10 @@ def _input_pixels(tensor) -> np.ndarray:
         if len(items) != shape[0]:
             raise ApiError(f"inputs[0].data holds {len(items)} elements, shape says {shape[0]}")
         blobs = [b64_to_bytes(item, f"inputs[0].data[{i}]") for i, item in enumerate(items)]
-        return decode_images(blobs)
+        return decode_images(blobs, size)
     raise ApiError(
         f"inputs[0].datatype {datatype!r} is not supported: use UINT8 or FP32 pixels "
-        "[N, 32, 32, 3], or BYTES [N] with base64-encoded images"
+        f"[N, {size}, {size}, 3], or BYTES [N] with base64-encoded images"
     )
 
 
@@ -145,7 +148,7 @@ def infer_route(name: str, version: str | None = None):
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise ApiError('"inputs" must be a list holding exactly one tensor')
     _requested_outputs(payload)
-    probs = infer(model, _input_pixels(inputs[0]))
+    probs = infer(model, _input_pixels(inputs[0], model.input_size))
     response: dict[str, object] = {"model_name": model.name, "model_version": str(model.version)}
     if request_id is not None:
         response["id"] = request_id

@@ -18,13 +18,22 @@ from convnet.imaging import ImageError
 from convnet.serve.api import UPLOAD_FIELD
 from convnet.serve.decode import check_count, decode_upload
 from convnet.serve.errors import ApiError, describe, extra_headers
-from convnet.serve.pipeline import get_model, holder, infer, max_images, max_parts
-from convnet.serve.postprocess import DEFAULT_TOP_K, top_k
-from convnet.serve.uploads import form_files
+from convnet.serve.explain import (
+    EXPLAIN_RUNS,
+    check_explain_count,
+    explanations,
+    max_explain_images,
+    parse_explain,
+)
+from convnet.serve.model import LoadedModel
+from convnet.serve.pipeline import get_model, holder, infer_scored, max_images, max_parts
+from convnet.serve.postprocess import DEFAULT_TOP_K, top_k, unsure_fields
+from convnet.serve.uploads import files_named, form_parts, text_field
 
 log = logging.getLogger(__name__)
 bp = Blueprint("web", __name__)
 
+EXPLAIN_FIELD = "explain"  # the form's checkbox: show which pixels drove each answer
 MAX_SHOWN_NAME = 80  # characters of a client's file name echoed back (escaped by Jinja)
 # The page echoes file names: a strict policy keeps any markup that slipped through inert.
 CONTENT_SECURITY_POLICY = (
@@ -34,8 +43,10 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
-def _page(results=None, error: str | None = None, status: int = 200, headers=None):
-    model = holder().current
+def _page(results=None, error: str | None = None, status: int = 200, headers=None,
+          model: LoadedModel | None = None):
+    """The page, describing `model` (the one that answered the results), else the served one."""
+    model = model or holder().current
     html = render_template(
         "index.html",
         model=model,
@@ -44,13 +55,16 @@ def _page(results=None, error: str | None = None, status: int = 200, headers=Non
         error=error,
         max_mb=current_app.config["MAX_CONTENT_LENGTH"] / 1024 / 1024,
         max_images=max_images(),
+        max_explain=max_explain_images(),
+        explain_runs=EXPLAIN_RUNS,
     )
     status = 503 if model is None and status == 200 else status
     return html, status, {"Content-Security-Policy": CONTENT_SECURITY_POLICY, **(headers or {})}
 
 
 def _thumbnail(pixels: np.ndarray) -> str:
-    """The 32x32 input the model saw, as a data: URL (no JavaScript, so no client-side preview)."""
+    """The (S, S, 3) input the model saw, as a PNG data: URL at that size (no JavaScript, so no
+    client-side preview)."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -69,29 +83,39 @@ def index():
 @bp.post("/")
 def classify_form():
     model = get_model()
-    uploads = form_files(UPLOAD_FIELD, max_parts())
+    parts = form_parts(max_parts())
+    uploads = files_named(parts, UPLOAD_FIELD)
     if not uploads:
         raise ApiError("choose one or more images first")
     check_count(len(uploads), max_images())
+    explain = parse_explain(text_field(parts, EXPLAIN_FIELD))
+    if explain:
+        check_explain_count(len(uploads))
 
     results, good = [], []  # one result per upload, in order; `good` indexes the decodable ones
     for i, (name, data) in enumerate(uploads):
         result = {"name": _shown_name(name, i + 1)}
         try:
-            result["pixels"] = decode_upload(data)
+            result["pixels"] = decode_upload(data, model.input_size)
             good.append(i)
         except ImageError as exc:
             result["error"], result["status"] = str(exc), exc.status
         results.append(result)
 
     if good:
-        probs = infer(model, np.stack([results[i]["pixels"] for i in good]))
+        probs, scores = infer_scored(model, np.stack([results[i]["pixels"] for i in good]))
+        for i, fields in zip(good, unsure_fields(len(good), scores, model.unsure), strict=True):
+            results[i].update(fields)
+        if explain:
+            pixels = np.stack([results[i]["pixels"] for i in good])
+            for i, found in zip(good, explanations(model, pixels, probs), strict=True):
+                results[i]["explanation"] = found
         for i, row in zip(good, probs, strict=True):
             results[i]["top_k"] = top_k(row, model.labels, min(DEFAULT_TOP_K, model.num_classes))
             results[i]["thumbnail"] = _thumbnail(results[i].pop("pixels"))
-        return _page(results)
+        return _page(results, model=model)
     statuses = {r["status"] for r in results}  # all failed: 413 if all were too big, else 400
-    return _page(results, status=statuses.pop() if len(statuses) == 1 else 400)
+    return _page(results, status=statuses.pop() if len(statuses) == 1 else 400, model=model)
 
 
 @bp.errorhandler(ApiError)

@@ -19,6 +19,7 @@
     const clear = document.getElementById("clear-button");
     const emptyHint = document.querySelector(".empty-hint");
     const api = form.dataset.api;
+    const explainBox = document.getElementById("explain-input");
     let inFlight = 0;
 
     function setBusy(busy, message) {
@@ -76,8 +77,35 @@
           el("span", "topk-pct", percent(entry.probability)));
         list.append(row);
       }
-      view.body.append(verdict, list);
+      view.body.append(verdict);
+      if (prediction.unsure) {
+        const unsure = el("p", "unsure",
+          "Not sure: this may be none of these classes (it looks less familiar than " +
+          Math.round((1 - prediction.confidence) * 100) + "% of the images the model " +
+          "answered correctly in validation).");
+        unsure.setAttribute("role", "status");
+        view.body.append(unsure);
+      }
+      view.body.append(list);
+      if (prediction.explanation) view.body.append(explanationFigure(prediction.explanation));
       view.card.classList.remove("pending");
+    }
+
+    // The image the model saw, tinted where blanking it lowered the answer's probability most.
+    function explanationFigure(explanation) {
+      const figure = el("figure", "explanation");
+      const img = el("img", "overlay");
+      img.width = 96;
+      img.height = 96;
+      img.addEventListener("load", () => {
+        if (img.naturalWidth > 96) img.classList.add("smooth"); // a large input: no pixel grid
+      });
+      img.src = "data:image/png;base64," + explanation.overlay_png;
+      img.alt = "The image as the model sees it, tinted red where blanking the pixels " +
+        "lowered the probability of " + explanation.label + " most";
+      figure.append(img, el("figcaption", "",
+        "Red: where blanking the image lowered \u201c" + explanation.label + "\u201d most."));
+      return figure;
     }
 
     function showError(view, message) {
@@ -94,7 +122,8 @@
       const body = new FormData();
       body.append("file", file, file.name || "pasted.png");
       try {
-        const response = await fetch(api, { method: "POST", body });
+        const url = explainBox && explainBox.checked ? api + "?explain=1" : api;
+        const response = await fetch(url, { method: "POST", body });
         let payload = null;
         try {
           payload = await response.json();

@@ -2,10 +2,12 @@
 
     version = train(TrainConfig(preset="fast"), splits["train"], out="runs/cifar10")
 
-The recipe follows airbench94 (Keller Jordan): a frozen 2x2 patch-whitening stem set from the
-data, BatchNorm biases learning 64x faster than the rest, Nesterov SGD with a triangular schedule,
-label smoothing, flip + translate augmentation, and flip + shift test-time augmentation.
-Works on any Keras 3 backend (TensorFlow by default, JAX on GPUs).
+The recipe follows airbench94 (Keller Jordan): a frozen patch-whitening stem set from the data,
+BatchNorm biases learning 64x faster than the rest, Nesterov SGD with a triangular schedule,
+label smoothing, flip + translate augmentation (random resized crops + flips for photos), and
+flip + shift test-time augmentation. The network normalises by its own training data's pixel
+statistics. Class imbalance: classes weighted by inverse frequency (cfg.class_weight). Works on
+any Keras 3 backend (TensorFlow by default, JAX on GPUs).
 
 This module chooses the loop and runs it; the parts live beside it:
     config.py      TrainConfig and the presets' defaults
@@ -24,7 +26,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import keras
@@ -36,37 +38,85 @@ from convnet.train import publish
 from convnet.train.batches import Batches
 from convnet.train.checkpoint import CHECKPOINT_DIR
 from convnet.train.config import (
-    DEVICE_EPOCHS,
+    AUGMENTS,
+    CLASS_WEIGHTS,
     LOOPS,
     PRECISIONS,
-    PRESET_EPOCHS,
     TrainConfig,
     TrainError,
     default_batch_size,
+    default_epochs,
 )
 from convnet.train.fit_loop import data_parallel, run_fit
 from convnet.train.progress import epoch_line
 from convnet.train.recipe import WhitenBiasEpochs
 
 __all__ = ["Batches", "CHECKPOINT_DIR", "Split", "TrainConfig", "TrainError", "WhitenBiasEpochs",
-           "choose_loop", "split_validation", "train"]
+           "choose_loop", "class_weights", "split_validation", "train"]
 
 log = logging.getLogger(__name__)
+# cfg.class_weight "auto" weights the classes when the largest has this many times the images
+# of the smallest (bench/results/flowers_probes.md)
+IMBALANCE_RATIO = 2.0
 
 
 def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
+    """Hold out `fraction` of each class (stratified; at least one image of a class stays in
+    training), images in their original order."""
     if not fraction:
         return train, None
     if not 0 < fraction < 1:
         raise TrainError(f"--val-split must be between 0 and 1, got {fraction}")
-    order = np.random.default_rng(seed).permutation(len(train))
-    n_val = max(1, int(len(train) * fraction))
-    val, rest = order[:n_val], order[n_val:]
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in range(len(train.classes)):
+        members = np.flatnonzero(train.labels == c)
+        n_val = min(len(members) - 1, round(len(members) * fraction))
+        if n_val > 0:
+            held.append(rng.choice(members, n_val, replace=False))
+    val = np.sort(np.concatenate(held)) if held else np.zeros(0, np.intp)
+    if not len(val):
+        raise TrainError(f"--val-split {fraction} holds out no image of {len(train)}")
+    rest = np.setdiff1d(np.arange(len(train)), val)
     return (Split(train.images[rest], train.labels[rest], train.classes),
             Split(train.images[val], train.labels[val], train.classes))
 
 
-def choose_loop(cfg: TrainConfig, *, resume: bool = False, tensorboard: str | None = None) -> str:
+def class_weights(policy: str, split: Split) -> np.ndarray | None:
+    """Per-class loss weights N / (C * n_c) (their mean over the images is 1, so the learning
+    rate means the same), or None for unweighted: policy "none", or "auto" when the classes are
+    within IMBALANCE_RATIO of each other. A class without images gets 0."""
+    if policy not in CLASS_WEIGHTS:
+        raise TrainError(f"unknown class weighting {policy!r}: choose one of "
+                         f"{', '.join(CLASS_WEIGHTS)}")
+    counts = np.bincount(split.labels, minlength=len(split.classes)).astype(np.float64)
+    present = counts[counts > 0]
+    if policy == "none" or present.max() < IMBALANCE_RATIO * present.min():
+        return None
+    weights = np.divide(len(split), len(present) * counts, out=np.zeros_like(counts),
+                        where=counts > 0)
+    return weights.astype(np.float32)
+
+
+def _image_size(cfg: TrainConfig, *splits: Split | None) -> int:
+    """The side of the splits' images, which must be square, agree, and match cfg.image_size
+    if that is set."""
+    sizes = {tuple(s.images.shape[1:]) for s in splits if s is not None and len(s)}
+    if len(sizes) != 1:
+        raise TrainError(f"training and test images differ in shape: {sorted(sizes)}")
+    height, width, channels = sizes.pop()
+    if height != width or channels != 3:
+        raise TrainError(f"images must be square RGB (S, S, 3), got {(height, width, channels)}")
+    if cfg.image_size is not None and cfg.image_size != height:
+        raise TrainError(f"--image-size {cfg.image_size}, but the images are {height}x{height}")
+    if height < models.MIN_IMAGE_SIZE:
+        raise TrainError(f"images of {height} px are too small: at least "
+                         f"{models.MIN_IMAGE_SIZE}")
+    return height
+
+
+def choose_loop(cfg: TrainConfig, *, resume: bool = False, tensorboard: str | None = None,
+                weighted: bool = False) -> str:
     """"device" where it can run (JAX, an airbench preset, none of the options it lacks),
     else "fit"; an explicit "device" that cannot run is an error naming what stops it."""
     if cfg.loop not in LOOPS:
@@ -78,7 +128,11 @@ def choose_loop(cfg: TrainConfig, *, resume: bool = False, tensorboard: str | No
         (f"the {backend} backend (it needs jax)", backend != "jax"),
         (f"the {cfg.preset} preset", cfg.preset not in models.PRESETS),
         ("--data-parallel", cfg.data_parallel), ("--resume", resume),
-        ("--tensorboard", tensorboard), ("--val-split", cfg.val_split)) if present]
+        ("--tensorboard", tensorboard), ("--val-split", cfg.val_split),
+        (f"--image-size {cfg.image_size} (it trains at 32 px only)",
+         cfg.image_size not in (None, 32)),
+        ("--augment photo", cfg.augment == "photo"),
+        ("class weights (--class-weight none turns them off)", weighted)) if present]
     if not blockers:
         return "device"
     if cfg.loop == "device":
@@ -97,41 +151,57 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     keras.utils.set_random_seed(cfg.seed)
     out = Path(out)
     classes = train_split.classes
-    loop = choose_loop(cfg, resume=resume, tensorboard=tensorboard)
-    batch_size = cfg.batch_size or default_batch_size(cfg.preset, loop)
-    cfg = replace(cfg, batch_size=batch_size)
-    fit_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
-    if len(fit_split) < batch_size:
-        raise TrainError(f"{len(fit_split)} training images is fewer than one batch of "
-                         f"{batch_size}; lower --batch-size")
+    if cfg.augment not in AUGMENTS:
+        raise TrainError(f"unknown augmentation {cfg.augment!r}: choose one of "
+                         f"{', '.join(AUGMENTS)}")
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"unknown precision {cfg.precision!r}: choose one of "
                          f"{', '.join(PRECISIONS)}")
-    epochs = cfg.epochs or (DEVICE_EPOCHS if loop == "device" else PRESET_EPOCHS)[cfg.preset]
+    cfg = replace(cfg, image_size=_image_size(cfg, train_split, test_split))
+    fit_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
+    weights = class_weights(cfg.class_weight, fit_split)
+    loop = choose_loop(cfg, resume=resume, tensorboard=tensorboard, weighted=weights is not None)
+    batch_size = cfg.batch_size or default_batch_size(cfg.preset, loop, len(fit_split))
+    epochs = cfg.epochs or default_epochs(cfg.preset, loop, len(fit_split))
+    cfg = replace(cfg, batch_size=batch_size, epochs=epochs)
+    if len(fit_split) < batch_size:
+        raise TrainError(f"{len(fit_split)} training images is fewer than one batch of "
+                         f"{batch_size}; lower --batch-size")
+    stats = models.pixel_stats(fit_split.images)
+    counts = fit_split.class_counts()
+    facts = {"class_counts": counts, "normalisation": asdict(stats),
+             "class_weights": None if weights is None else
+             {c: round(float(w), 4) for c, w in zip(classes, weights, strict=True)}}
+    if verbose:
+        print(f"{len(fit_split)} training images of {cfg.image_size}x{cfg.image_size} px, "
+              f"batch {batch_size}, {epochs:g} epochs; per class: " + ", ".join(
+                  f"{c} {n}" for c, n in counts.items()), flush=True)
     if loop == "device":
-        model, seconds, epochs, history = _device_fit(cfg, fit_split, batch_size, epochs, verbose)
+        model, seconds, epochs, history = _device_fit(cfg, fit_split, batch_size, epochs, stats,
+                                                      verbose)
         return publish.publish(model, cfg, out, classes, epochs=epochs, test_split=test_split,
                                train_seconds=seconds, started=started, history=history,
-                               num_train=len(fit_split))
+                               num_train=len(fit_split), facts=facts)
     if epochs != int(epochs):
         raise TrainError(f"--epochs {epochs}: fractional epochs need the device loop (JAX)")
     epochs = int(epochs)
-    batches = Batches(fit_split, cfg, len(classes))
+    batches = Batches(fit_split, cfg, len(classes), weights=weights)
     with data_parallel(cfg.data_parallel) as replicas:
         if replicas > 1 and batch_size % replicas:
             raise TrainError(f"--batch-size {batch_size} does not split evenly over "
                              f"{replicas} devices")
         model, history, seconds = run_fit(
-            cfg, batches, val_split, epochs, out / CHECKPOINT_DIR, resume=resume,
+            cfg, batches, val_split, epochs, out / CHECKPOINT_DIR, stats, resume=resume,
             tensorboard=tensorboard, verbose=verbose, callbacks=callbacks)
     epochs = history[-1]["epoch"] + 1 if history else epochs  # the time limit may cut it
     return publish.publish(model, cfg, out, classes, epochs=epochs,
                            test_split=test_split or val_split, train_seconds=seconds,
                            started=started, history=history, num_train=len(fit_split),
-                           replicas=replicas)
+                           replicas=replicas, facts=facts)
 
 
-def _device_fit(cfg: TrainConfig, split: Split, batch_size: int, epochs: float, verbose: int):
+def _device_fit(cfg: TrainConfig, split: Split, batch_size: int, epochs: float,
+                stats: models.PixelStats, verbose: int):
     """Train with device_loop; returns (float32 Keras model, training seconds, epochs run,
     per-epoch log)."""
     from convnet import device_loop
@@ -140,7 +210,7 @@ def _device_fit(cfg: TrainConfig, split: Split, batch_size: int, epochs: float, 
     if precision == "auto":
         precision = device_loop.default_precision()
     trainer = device_loop.trainer(cfg.preset, len(split.classes), batch_size, len(split),
-                                  precision)
+                                  precision, stats=stats)
     recipe = device_loop.Recipe(
         epochs=epochs, batch_size=batch_size, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, bias_lr_scale=cfg.bias_lr_scale,

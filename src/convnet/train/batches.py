@@ -1,4 +1,5 @@
-"""The fit loop's input pipeline: shuffled, augmented batches of uint8 images and one-hot labels."""
+"""The fit loop's input pipeline: shuffled, augmented batches of uint8 images and one-hot labels
+(and per-image loss weights when the classes are weighted)."""
 
 from __future__ import annotations
 
@@ -13,26 +14,36 @@ from convnet.train.config import TrainConfig
 
 
 class Batches(keras.utils.PyDataset):
-    """Shuffled, augmented (uint8 images, one-hot labels) batches, as airbench augments: a
-    random half of the images mirrored once, then every epoch a fresh random translation and,
-    on odd epochs, every image mirrored. Each epoch's order and shifts come from
-    `seed + epoch`, so a resumed run sees the same data as an uninterrupted one. The epoch's
-    images are augmented in one vectorised pass the first time a batch of it is asked for.
+    """Shuffled, augmented (uint8 images, one-hot labels[, weights]) batches.
+
+    cfg.augment "airbench" augments as airbench does: a random half of the images mirrored
+    once, then every epoch a fresh random translation and, on odd epochs, every image mirrored;
+    the epoch's images are augmented in one vectorised pass the first time a batch of it is
+    asked for (two uint8 copies of the set: right for 32 px thumbnails). "photo" augments each
+    batch as it is asked for (augment.photo_batch: random resized crop and mirror), so nothing
+    but the batch is ever copied, whatever the size of the set.
+
+    Each epoch's order and augmentation come from the seed and the epoch (and the batch), so a
+    resumed run sees the same data as an uninterrupted one. `weights` (per class) adds each
+    image's loss weight to its batch.
 
     Endless: batch i belongs to epoch first_epoch + i // steps_per_epoch, and fit() is given
     `steps_per_epoch`, so one iterator serves the whole run: with a finite sequence Keras makes
     a new one every epoch, and on TensorFlow each switch could stall for 30 to 40 s with the
     CPU idle (quick preset, 2 cores; the cause is in `tf_dataset`)."""
 
-    def __init__(self, split: Split, cfg: TrainConfig, num_classes: int, epoch: int = 0):
+    def __init__(self, split: Split, cfg: TrainConfig, num_classes: int, epoch: int = 0,
+                 weights: np.ndarray | None = None):
         super().__init__()
         if not cfg.batch_size:
             raise ValueError("Batches needs cfg.batch_size (train() sets the preset's default)")
         self.split, self.cfg, self.num_classes = split, cfg, num_classes
+        self.weights = weights
         self.batch_size = cfg.batch_size
         self.steps_per_epoch = len(split) // self.batch_size  # drop the ragged last batch
+        self.per_batch = cfg.augment == "photo"
         self.base = split.images
-        if cfg.flip:
+        if cfg.flip and not self.per_batch:
             rng = np.random.default_rng([cfg.seed, 1])  # apart from the per-epoch streams
             self.base = augment.random_flip(split.images, rng)
         self.start_at(epoch)
@@ -49,6 +60,8 @@ class Batches(keras.utils.PyDataset):
         self.images: np.ndarray | None = None
 
     def _epoch_images(self) -> np.ndarray:
+        if self.per_batch:
+            return self.split.images
         if self.images is None:
             images = augment.random_translate(self.base, self.cfg.translate, self.rng)
             images = images[:, :, ::-1] if self.cfg.flip and self.epoch % 2 else images
@@ -69,10 +82,12 @@ class Batches(keras.utils.PyDataset):
         import tensorflow as tf
 
         size = self.batch_size
-        signature = (tf.TensorSpec((size, *self.split.images.shape[1:]), tf.uint8),
-                     tf.TensorSpec((size, self.num_classes), tf.float32))
+        signature = [tf.TensorSpec((size, *self.split.images.shape[1:]), tf.uint8),
+                     tf.TensorSpec((size, self.num_classes), tf.float32)]
+        if self.weights is not None:
+            signature.append(tf.TensorSpec((size,), tf.float32))
         dataset = tf.data.Dataset.from_generator(
-            lambda: (self[i] for i in itertools.count()), output_signature=signature)
+            lambda: (self[i] for i in itertools.count()), output_signature=tuple(signature))
         options = tf.data.Options()
         options.autotune.enabled = False
         return dataset.prefetch(4).with_options(options)
@@ -82,6 +97,20 @@ class Batches(keras.utils.PyDataset):
         if self.first_epoch + epoch != self.epoch:
             self._shuffle(self.first_epoch + epoch)
         idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+        labels = self.split.labels[idx]
         x = self._epoch_images()[idx]
-        y = np.eye(self.num_classes, dtype="float32")[self.split.labels[idx]]
+        y = np.eye(self.num_classes, dtype="float32")[labels]
+        if self.per_batch:
+            x, y = self._photo_batch(x, y, i)
+        if self.weights is not None:
+            return x, y, self.weights[labels]
+        return x, y
+
+    def _photo_batch(self, x: np.ndarray, y: np.ndarray, i: int):
+        """Batch i of this epoch, augmented by the photo policy (and CutMix on cfg.cutmix of
+        the batches), from its own random stream: the same whenever it is asked for."""
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, i])
+        x = augment.photo_batch(x, rng, (self.cfg.crop_scale, 1.0), self.cfg.flip)
+        if self.cfg.cutmix and rng.random() < self.cfg.cutmix:
+            x, y = augment.cutmix(x, y, rng)
         return x, y

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from convnet import sizing
+
 
 @dataclass
 class TrainConfig:
     preset: str = "fast"
-    epochs: float | None = None  # None: the preset's default; fractions need the device loop
-    batch_size: int | None = None  # None: the preset's default for the loop (default_batch_size)
+    epochs: float | None = None  # None: default_epochs; fractions need the device loop
+    batch_size: int | None = None  # None: default_batch_size
+    image_size: int | None = None  # input side, pixels; None: the training images' own
     lr: float = 11.5  # per 1024 examples, airbench units (summed loss, coupled weight decay)
     momentum: float = 0.85  # Nesterov
     weight_decay: float = 0.0153  # per 1024 examples, airbench units
     bias_lr_scale: float = 64.0  # BatchNorm biases learn this much faster
     label_smoothing: float = 0.2
     flip: bool = True
-    translate: int = 2  # pixels of random translation
+    augment: str = "airbench"  # "airbench" (flip + translate) or "photo" (resized crop + flip)
+    translate: int = 2  # pixels of random translation (airbench)
+    crop_scale: float = 0.25  # smallest crop, as a fraction of the image's area (photo)
+    cutmix: float = 0.0  # share of batches mixed by CutMix (photo)
+    class_weight: str = "auto"  # "auto": weight classes by inverse frequency if imbalanced
     warmup: float = 0.23  # fraction of steps to reach the peak learning rate
     lr_start: float = 0.2  # learning rate at the first step, as a fraction of the peak
     lr_end: float = 0.07  # and at the last
@@ -39,8 +46,9 @@ PRESET_EPOCHS = {"fast": 8, "quick": 6, "tutorial": 20}
 # there (bench/gpu_train.py): more epochs, more accuracy.
 DEVICE_EPOCHS = {"fast": 12, "quick": 12}
 # Batch sizes for the fit loop on a CPU. quick takes twice the steps per epoch at 512: on 2 cores
-# an image costs the same at 512 as at 1024, and in a 6-epoch run the extra steps are worth about a
-# point (bench/results/cpu_train.md). The device loop keeps 1024, the size its GPU figures used.
+# an image costs the same at 512 as at 1024, and in a 6-epoch run the extra steps are worth a point
+# of validation accuracy (bench/choose_on_val.py, chosen on data held out of the training set).
+# The device loop keeps 1024, the size its GPU figures used.
 PRESET_BATCH = {"fast": 1024, "quick": 512, "tutorial": 1024}
 DEVICE_BATCH = 1024
 # The tutorial net has no BatchNorm; it trains with plain Adam like the original.
@@ -48,7 +56,17 @@ TUTORIAL_LR = 1e-3
 
 LOOPS = ("auto", "fit", "device")
 PRECISIONS = ("auto", "float32", "bfloat16")
+AUGMENTS = ("airbench", "photo")
+CLASS_WEIGHTS = ("auto", "none")
 
 
-def default_batch_size(preset: str, loop: str) -> int:
-    return DEVICE_BATCH if loop == "device" else PRESET_BATCH.get(preset, DEVICE_BATCH)
+def default_batch_size(preset: str, loop: str, num_train: int) -> int:
+    """The preset's batch for the loop, smaller for a small data set (sizing.batch_size_for)."""
+    preset_batch = DEVICE_BATCH if loop == "device" else PRESET_BATCH.get(preset, DEVICE_BATCH)
+    return sizing.batch_size_for(num_train, preset_batch)
+
+
+def default_epochs(preset: str, loop: str, num_train: int) -> float:
+    """The preset's epochs for the loop, more for a small data set (sizing.epochs_for)."""
+    return sizing.epochs_for(num_train, (DEVICE_EPOCHS if loop == "device" else
+                                         PRESET_EPOCHS)[preset])

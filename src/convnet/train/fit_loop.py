@@ -12,6 +12,7 @@ import keras
 import numpy as np
 
 from convnet.data import Split
+from convnet.models import PixelStats
 from convnet.train import checkpoint
 from convnet.train.batches import Batches
 from convnet.train.config import TrainConfig, TrainError
@@ -69,13 +70,13 @@ def data_parallel(enabled: bool):
 
 
 def run_fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: int,
-            ckpt_dir: Path, *, resume: bool, tensorboard: str | None = None, verbose: int = 1,
-            callbacks: tuple = ()) -> tuple[keras.Model, list[dict], float]:
+            ckpt_dir: Path, stats: PixelStats, *, resume: bool, tensorboard: str | None = None,
+            verbose: int = 1, callbacks: tuple = ()) -> tuple[keras.Model, list[dict], float]:
     """Build (or restore) and fit the model; runs inside any distribution scope. Returns the
     model, the per-epoch log (a resumed run's earlier epochs included) and training seconds."""
     classes = batches.split.classes
     steps = batches.steps_per_epoch
-    model = build_model(cfg, batches.split.images, len(classes), steps * epochs)
+    model = build_model(cfg, batches.split.images, len(classes), steps * epochs, stats)
     initial_epoch, history, average = 0, [], None
     if resume:
         saved = checkpoint.load(ckpt_dir)

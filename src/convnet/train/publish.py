@@ -80,8 +80,10 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
 
 def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str], *, epochs: float,
             test_split: Split | None, train_seconds: float, started: float, history: list[dict],
-            num_train: int, replicas: int = 1) -> Path:
-    """Export the trained model into a staging folder, evaluate it and rename it into place."""
+            num_train: int, replicas: int = 1, facts: dict | None = None) -> Path:
+    """Export the trained model into a staging folder, evaluate it and rename it into place.
+    `facts` (the training data's class counts, normalisation, class weights) go into
+    metrics.json as they are."""
     model = as_float32(model, cfg.preset)
     served = models.with_softmax(model)
     staged = modeldir.staging_dir(out)
@@ -100,11 +102,13 @@ def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str],
             onnx_diff = None
             predictor = evaluate.keras_predictor(served, classes, staged)
         metrics = {
-            "preset": cfg.preset, "epochs": epochs, "backend": keras.backend.backend(),
+            "preset": cfg.preset, "image_size": models.input_size(model), "epochs": epochs,
+            "batch_size": cfg.batch_size, "augment": cfg.augment,
+            "backend": keras.backend.backend(),
             "keras_version": keras.__version__, "train_seconds": round(train_seconds, 1),
             "hardware": hardware(), "data": cfg.data, "num_train": num_train,
             "params": int(model.count_params()), "flops_per_image": models.count_flops(model),
-            "onnx_max_abs_diff": onnx_diff, "replicas": replicas,
+            "onnx_max_abs_diff": onnx_diff, "replicas": replicas, **(facts or {}),
         }
         if test_split is not None:
             report = evaluate.evaluate(predictor, test_split.images, test_split.labels,
@@ -112,7 +116,10 @@ def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str],
             metrics.update(
                 accuracy=report["accuracy"], accuracy_no_tta=report["accuracy_no_tta"],
                 top5_accuracy=report["top5_accuracy"], tta=cfg.tta,
+                balanced_accuracy=report["balanced_accuracy"],
                 per_class_accuracy=report["per_class_accuracy"],
+                per_class_precision=report["per_class_precision"],
+                per_class_recall=report["per_class_recall"],
                 num_test=report["num_images"], confusion_matrix=report["confusion_matrix"],
             )
             evaluate.plot_confusion(report["confusion_matrix"], classes,

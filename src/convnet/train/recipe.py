@@ -19,11 +19,13 @@ from convnet.optim import (
 from convnet.train.config import TUTORIAL_LR, TrainConfig, TrainError
 
 
-def init_whitening(model: keras.Model, images: np.ndarray, seed: int) -> None:
-    """Set the 2x2 stem from a random 5,000 of the images (models.whitening_kernel); bias 0."""
+def init_whitening(model: keras.Model, images: np.ndarray, seed: int,
+                   stats: models.PixelStats) -> None:
+    """Set the patch stem from a random 5,000 of the images (models.whitening_kernel), as
+    normalised by `stats`; bias 0."""
     layer = model.get_layer("whiten")
     kernel = models.whitening_kernel(models.whitening_sample(images, seed),
-                                     layer.kernel_size[0], layer.filters)
+                                     layer.kernel_size[0], layer.filters, stats)
     layer.set_weights([kernel.astype("float32"), np.zeros(layer.filters, "float32")])
 
 
@@ -82,15 +84,17 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
-def build_model(cfg: TrainConfig, images: np.ndarray, num_classes: int,
-                steps: int) -> keras.Model:
-    """A compiled model as a fresh run starts it. A resumed run builds the same one and loads
-    the checkpoint into it, so its optimizer has the variables the checkpoint was saved with."""
+def build_model(cfg: TrainConfig, images: np.ndarray, num_classes: int, steps: int,
+                stats: models.PixelStats | None = None) -> keras.Model:
+    """A compiled model as a fresh run starts it, for the images' size and normalised by
+    `stats` (default: the images' own). A resumed run builds the same one and loads the
+    checkpoint into it, so its optimizer has the variables the checkpoint was saved with."""
+    stats = stats or models.pixel_stats(images)
     with dtype_policy("mixed_bfloat16" if cfg.precision == "bfloat16" else "float32"):
-        model = models.build(cfg.preset, num_classes)
+        model = models.build(cfg.preset, num_classes, image_size=images.shape[1], stats=stats)
     if cfg.preset != "tutorial":
         init_airbench(model, cfg.seed)
-        init_whitening(model, images, cfg.seed)
+        init_whitening(model, images, cfg.seed, stats)
         model.get_layer("whiten").trainable = True  # the bias; AirbenchSGD holds the kernel
     compile_model(model, cfg, steps)
     return model
@@ -100,7 +104,8 @@ def as_float32(model: keras.Model, preset: str) -> keras.Model:
     """The same weights in a float32 model: what is saved and exported, whatever trained."""
     if model.dtype_policy.name == "float32":
         return model
-    clone = models.build(preset, model.output.shape[-1])
+    clone = models.build(preset, model.output.shape[-1], image_size=models.input_size(model),
+                         stats=models.normalisation(model))
     values = {v.path: v.numpy() for v in model.variables}
     for variable in clone.variables:
         variable.assign(values[variable.path].astype(variable.dtype))

@@ -1,0 +1,196 @@
+"""How well "not sure" separates images of none of the classes: python bench/unsure.py
+
+For a calibrated model (default: the bundled CIFAR-10 model's highest version), scores
+in-distribution images its calibration did not see (the CIFAR-10 test images outside the
+calibration's fitting half, rebuilt from calibration.json's seed and fraction) against
+out-of-distribution photos (default: the shared flowers photos), with several scores:
+
+- energy (-logsumexp of the logits): the rule the model ships with;
+- max_probability (of the calibrated softmax);
+- max_logit; Mahalanobis distance and cosine k-NN (k=10) on the penultimate features, with
+  class statistics from every 5th CIFAR-10 training image;
+- stem statistics: Mahalanobis distance of the first convolution's per-channel mean and spread.
+
+For each: AUROC (out-of-distribution vs all in-distribution images), the share of
+out-of-distribution images flagged, and the share of correctly classified in-distribution images
+flagged, at the threshold that flags 5% of the correct answers of the fitting half. Each score is
+also run on the photos after a 32x32 JPEG round trip at quality 75, as the CIFAR-10 images were
+made: a score that falls there reacts to compression artefacts, not to content, and would flag
+a sharp photo of a cat just as surely. Writes bench/results/unsure.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from common import RESULTS, write_results
+from PIL import Image
+
+from convnet import calibrate, calibration, modeldir
+from convnet.evaluate import load_predictor
+from convnet.imaging import decode_image
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+FLAG_RATE = 0.05
+
+
+def read_images(path: Path, size: int, every: int = 1):
+    """uint8 (N, S, S, 3) and class names of the JPEG/PNG files in a tar archive."""
+    images, names = [], []
+    with tarfile.open(path) as archive:
+        members = [m for m in archive if m.isfile()
+                   and m.name.lower().endswith((".jpg", ".jpeg", ".png"))][::every]
+        for m in members:
+            images.append(decode_image(archive.extractfile(m).read(), size=size))
+            names.append(m.name.split("/")[-2])
+    return np.stack(images), names
+
+
+def jpeg_round_trip(images: np.ndarray, quality: int = 75) -> np.ndarray:
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+        out.append(decode_image(buffer.getvalue(), size=image.shape[0]))
+    return np.stack(out)
+
+
+def feature_session(model_bytes: bytes):
+    """A session whose outputs are probabilities, logits, penultimate features, stem output."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load_from_string(model_bytes)
+    graph = model.graph
+    softmax = next(n for n in graph.node if graph.output[0].name in n.output)
+    head = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")][-1]
+    stem = next(n for n in graph.node if n.op_type == "Conv")
+    names = [softmax.input[0], head.input[0], stem.output[0]]
+    for name in names:
+        graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = [graph.output[0].name, *names]
+
+    def run(images: np.ndarray):
+        parts = [session.run(wanted, {session.get_inputs()[0].name: images[i : i + 256]})
+                 for i in range(0, len(images), 256)]
+        probs, logits, feats, stem_out = (np.concatenate([p[k] for p in parts])
+                                          for k in range(4))
+        spatial = (1, 2) if stem_out.shape[-1] < stem_out.shape[1] else (2, 3)  # NHWC or NCHW
+        stats = np.concatenate([stem_out.mean(spatial), stem_out.std(spatial)], axis=1)
+        return {"probs": probs, "logits": logits, "features": feats.reshape(len(feats), -1),
+                "stem": stats}
+
+    return run
+
+
+def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
+    """P(an outside score > an inside score), ties counted half (Mann-Whitney U / n1 n2)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([inside, outside]))
+    n_in, n_out = len(inside), len(outside)
+    return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
+
+
+def gaussian(reference: np.ndarray):
+    mean = reference.mean(0)
+    centred = reference - mean
+    precision = np.linalg.pinv(centred.T @ centred / len(reference) + 1e-6 * np.eye(len(mean)))
+    return lambda x: np.einsum("ij,jk,ik->i", x - mean, precision, x - mean)
+
+
+def scorers(train: dict, train_labels: np.ndarray, temperature: float):
+    classes = np.unique(train_labels)
+    class_means = np.stack([train["features"][train_labels == c].mean(0) for c in classes])
+    centred = train["features"] - class_means[np.searchsorted(classes, train_labels)]
+    precision = np.linalg.pinv(centred.T @ centred / len(centred)
+                               + 1e-6 * np.eye(centred.shape[1]))
+    bank = train["features"] / np.linalg.norm(train["features"], axis=1, keepdims=True)
+    stem = gaussian(train["stem"])
+
+    def mahalanobis(o):
+        d = [np.einsum("ij,jk,ik->i", o["features"] - m, precision, o["features"] - m)
+             for m in class_means]
+        return np.min(d, axis=0)
+
+    def knn(o, k=10):
+        q = o["features"] / np.linalg.norm(o["features"], axis=1, keepdims=True)
+        return -np.sort(q @ bank.T, axis=1)[:, -k]
+
+    return {
+        "energy": lambda o: calibration.unsure_scores("energy", o["probs"], o["logits"]),
+        "max_probability": lambda o: -calibration.softmax(o["logits"], temperature).max(1),
+        "max_logit": lambda o: -o["logits"].max(1),
+        "mahalanobis (features)": mahalanobis,
+        "k-NN (features)": knn,
+        "stem statistics": lambda o: stem(o["stem"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="calibrated model (default: bundled)")
+    parser.add_argument("--data", type=Path, default=SHARED / "cifar10-jpeg",
+                        help="the model's own data: train.tar.gz and test.tar.gz")
+    parser.add_argument("--ood", type=Path, default=SHARED / "flowers" / "train.tar.gz",
+                        help="photos of none of the classes (a tar archive)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "unsure")
+    args = parser.parse_args()
+
+    vdir = modeldir.resolve_version(args.model)
+    record = json.loads((vdir / calibration.CALIBRATION_FILE).read_text())
+    classes = modeldir.load_labels(vdir)
+    model_bytes = (vdir / modeldir.ONNX_FILE).read_bytes()
+    run = feature_session(model_bytes)
+    size = load_predictor(vdir).input_size
+    test_x, test_names = read_images(args.data / "test.tar.gz", size)
+    test_y = np.array([classes.index(n) for n in test_names])
+    train_x, train_names = read_images(args.data / "train.tar.gz", size, every=5)
+    train_y = np.array([classes.index(n) for n in train_names])
+    ood_x, _ = read_images(args.ood, size)
+    print(f"{len(test_x)} in-distribution test images, {len(train_x)} training images for "
+          f"class statistics, {len(ood_x)} out-of-distribution photos", flush=True)
+
+    fit_idx, report_idx = calibrate.split_for_fitting(test_y, record["fit_fraction"],
+                                                      record["seed"])
+    test, train = run(test_x), run(train_x)
+    ood, ood_jpeg = run(ood_x), run(jpeg_round_trip(ood_x))
+    # The calibrated graph's logits output is the raw one: energy reads it as the server does.
+    correct = test["probs"].argmax(1) == test_y
+    rows, table = [], ["| score | AUROC | photos flagged | correct CIFAR-10 answers flagged | "
+                       "AUROC after JPEG q75 at 32 px | flagged after it |",
+                       "| --- | --- | --- | --- | --- | --- |"]
+    for name, score in scorers(train, train_y, record["temperature"]).items():
+        s_test, s_ood, s_jpeg = score(test), score(ood), score(ood_jpeg)
+        threshold = np.quantile(s_test[fit_idx][correct[fit_idx]], 1 - FLAG_RATE)
+        report = s_test[report_idx]
+        row = {"score": name, "auroc": auroc(report, s_ood),
+               "ood_flagged": float(np.mean(s_ood > threshold)),
+               "correct_flagged": float(np.mean(report[correct[report_idx]] > threshold)),
+               "auroc_jpeg": auroc(report, s_jpeg),
+               "ood_flagged_jpeg": float(np.mean(s_jpeg > threshold))}
+        rows.append(row)
+        table.append(f"| {name} | {row['auroc']:.3f} | {row['ood_flagged']:.1%} | "
+                     f"{row['correct_flagged']:.1%} | {row['auroc_jpeg']:.3f} | "
+                     f"{row['ood_flagged_jpeg']:.1%} |")
+        print(table[-1], flush=True)
+    text = "\n".join(table)
+    print(text)
+    notes = (f"model: {modeldir.model_name(vdir)} version {modeldir.version_number(vdir)} "
+             f"(temperature {record['temperature']:.4f})",
+             f"in-distribution: {len(report_idx)} test images outside the calibration's fitting "
+             f"half; thresholds from the {len(fit_idx)} of that half",
+             f"out-of-distribution: {len(ood_x)} photos from {args.ood.name}")
+    write_results(args.out, "Unsure: separating images of none of the classes "
+                  "(`bench/unsure.py`)", text, {"rows": rows}, notes=notes)
+
+
+if __name__ == "__main__":
+    main()
