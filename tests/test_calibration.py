@@ -204,3 +204,44 @@ def test_calibrate_command(tmp_path):
     result = CliRunner().invoke(main, ["calibrate", "--model", str(root / "1"), "--data",
                                        str(tmp_path / "data"), "--fit-fraction", "0.1"])
     assert result.exit_code == 2 and "too few" in result.output
+
+
+def test_training_calibrates_on_its_held_out_images(tmp_path):
+    from convnet.data import Split
+    from convnet.train.publish import calibrate_staged
+
+    version = write_version(tmp_path / "m", 1)
+    images, labels = bright_primaries(300, seed=9)
+    calibrate_staged(version, Split(images, labels, CIFAR10_LABELS), None)
+    record = json.loads((version / calibration.CALIBRATION_FILE).read_text())
+    assert record["fit_images"] + record["report_images"] == 300
+    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "logits"]
+    # Too few held-out images: a warning, and the version publishes uncalibrated.
+    plain = write_version(tmp_path / "n", 1)
+    calibrate_staged(plain, Split(images[:20], labels[:20], CIFAR10_LABELS), None)
+    assert not (plain / calibration.CALIBRATION_FILE).exists()
+
+
+def test_exporting_a_calibrated_version_keeps_its_temperature(tmp_path):
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    from convnet import export, modeldir
+
+    keras.utils.set_random_seed(0)
+    pixels = keras.Input((32, 32, 3), dtype="uint8", name="pixels")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(pixels))
+    model = keras.Model(pixels, keras.layers.Dense(3, activation="softmax")(x))
+    version = tmp_path / "shapes" / "1"
+    version.mkdir(parents=True)
+    model.save(version / modeldir.KERAS_FILE)
+    modeldir.write_json_atomic(version / modeldir.LABELS_FILE, ["a", "b", "c"])
+    modeldir.write_json_atomic(version / calibration.CALIBRATION_FILE, {"temperature": 0.5})
+    exported = export.export_version(version, "onnx")
+    session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()][1] == "logits"
+    image = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    probs, logits = session.run(None, {"pixels": image})
+    np.testing.assert_allclose(probs, calibration.softmax(logits, 0.5), atol=1e-5)
+    np.testing.assert_allclose(calibration.softmax(logits), model.predict(image, verbose=0),
+                               atol=1e-5)

@@ -186,8 +186,10 @@ def calibrate_version(model_dir: str | os.PathLike | None, images: np.ndarray,
     staged = modeldir.staging_dir(root)
     try:
         for item in vdir.iterdir():
-            if item.name == modeldir.KERAS_FILE or item.name.startswith("."):
-                continue  # model.keras would disagree with the calibrated graph: ONNX only
+            if item.name.startswith("."):
+                continue
+            # model.keras stays the network as trained; `convnet export` puts the temperature
+            # back into any model.onnx it makes from it (calibration.json says which).
             if item.is_dir():
                 shutil.copytree(item, staged / item.name)
             else:

@@ -178,6 +178,8 @@ def export_version(model_dir: str | os.PathLike | None, fmt: str,
     try:
         shutil.copytree(vdir, staged, dirs_exist_ok=True)
         diff = _write(model, fmt, staged / modeldir.ONNX_FILE if fmt == "onnx" else staged)
+        if fmt == "onnx":
+            _keep_calibration(staged)
         metrics = modeldir.load_metrics(staged)
         metrics["exported_from"] = int(vdir.name)
         if diff is not None:
@@ -188,3 +190,17 @@ def export_version(model_dir: str | os.PathLike | None, fmt: str,
         raise
     published = modeldir.publish(root, staged)
     return published / modeldir.ONNX_FILE if fmt == "onnx" else published
+
+
+def _keep_calibration(version_dir: Path) -> None:
+    """A calibrated version's temperature and logits output live in model.onnx only (model.keras
+    is the network as trained): put them back into a freshly exported model.onnx."""
+    from convnet import calibrate
+    from convnet.calibration import CALIBRATION_FILE
+
+    record = modeldir.read_json(version_dir / CALIBRATION_FILE, default={})
+    temperature = record.get("temperature") if isinstance(record, dict) else None
+    if isinstance(temperature, int | float):
+        path = version_dir / modeldir.ONNX_FILE
+        modeldir.write_bytes_atomic(
+            path, calibrate.with_logits_output(path.read_bytes(), float(temperature)))

@@ -65,6 +65,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgb = Image.new("RGB", rgba.size, (255, 255, 255))
         rgb.paste(rgba, mask=rgba)
         return rgb
+    if img.mode.startswith("I"):
+        # 16-bit greyscale (PNG) opens as "I;16" or "I": Pillow's own conversion clips every
+        # value above 255 to white, so keep the top 8 of the 16 bits instead.
+        deep = np.asarray(img).astype(np.uint32) >> 8
+        return Image.fromarray(np.minimum(deep, 255).astype(np.uint8)).convert("RGB")
     return img.convert("RGB")
 
 

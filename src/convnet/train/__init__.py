@@ -197,7 +197,7 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     return publish.publish(model, cfg, out, classes, epochs=epochs,
                            test_split=test_split or val_split, train_seconds=seconds,
                            started=started, history=history, num_train=len(fit_split),
-                           replicas=replicas, facts=facts)
+                           replicas=replicas, facts=facts, calibration_split=val_split)
 
 
 def _device_fit(cfg: TrainConfig, split: Split, batch_size: int, epochs: float,

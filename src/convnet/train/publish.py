@@ -80,10 +80,12 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
 
 def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str], *, epochs: float,
             test_split: Split | None, train_seconds: float, started: float, history: list[dict],
-            num_train: int, replicas: int = 1, facts: dict | None = None) -> Path:
+            num_train: int, replicas: int = 1, facts: dict | None = None,
+            calibration_split: Split | None = None) -> Path:
     """Export the trained model into a staging folder, evaluate it and rename it into place.
     `facts` (the training data's class counts, normalisation, class weights) go into
-    metrics.json as they are."""
+    metrics.json as they are. Given `calibration_split` (images the weights never saw), the
+    ONNX model is calibrated on it (convnet.calibrate) before publishing."""
     model = as_float32(model, cfg.preset)
     served = models.with_softmax(model)
     staged = modeldir.staging_dir(out)
@@ -130,7 +132,31 @@ def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str],
         metrics["total_seconds"] = round(time.time() - started, 1)
         modeldir.write_json_atomic(staged / modeldir.METRICS_FILE, metrics)
         modeldir.write_json_atomic(staged / modeldir.CONFIG_FILE, asdict(cfg))
+        if calibration_split is not None and (staged / modeldir.ONNX_FILE).is_file():
+            calibrate_staged(staged, calibration_split, test_split)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return modeldir.publish(out, staged)
+
+
+def calibrate_staged(staged: Path, held_out: Split, test_split: Split | None) -> None:
+    """Fit the temperature and the unsure rule on `held_out` and measure the calibration error on
+    the test split; when the test split is `held_out` itself (no other), on half of each."""
+    from convnet import calibrate
+
+    if test_split is not None and test_split is not held_out:
+        fit_x, fit_y, report_x, report_y = (held_out.images, held_out.labels,
+                                            test_split.images, test_split.labels)
+    else:
+        fit_idx, report_idx = calibrate.split_for_fitting(held_out.labels, 0.5)
+        fit_x, fit_y = held_out.images[fit_idx], held_out.labels[fit_idx]
+        report_x, report_y = held_out.images[report_idx], held_out.labels[report_idx]
+    try:
+        record = calibrate.calibrate_into(staged, fit_x, fit_y, report_x, report_y,
+                                          data="the validation split held out of training")
+    except calibrate.CalibrationError as exc:
+        log.warning("not calibrated: %s", exc)
+        return
+    log.info("calibrated: temperature %.3f, ECE %.4f -> %.4f", record["temperature"],
+             record["ece"]["before"], record["ece"]["after"])
