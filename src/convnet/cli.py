@@ -165,7 +165,7 @@ def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr,
           label_smoothing, translate, no_flip, augment, class_weight, tta, tensorboard, time_limit,
           data_parallel, loop, precision, resume, dry_run, no_cache):
     """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics).
-    Input size, augmentation and schedule default to what suits the data (see --help)."""
+    Input size, augmentation, batch size and epochs default to what suits the data."""
     from convnet import data, sizing
 
     # The data first: a bad dataset is reported before TensorFlow spends seconds loading.

@@ -106,11 +106,20 @@ class Batches(keras.utils.PyDataset):
             return x, y, self.weights[labels]
         return x, y
 
+    def crop_scale(self, epoch: int) -> float:
+        """The smallest crop this epoch: cfg.crop_scale, moving linearly to cfg.crop_scale_end
+        by the last epoch (so the last epochs see the images as evaluation does)."""
+        start, end = self.cfg.crop_scale, self.cfg.crop_scale_end
+        epochs = self.cfg.epochs or 1
+        if end is None or epochs <= 1:
+            return start
+        return start + (end - start) * min(1.0, epoch / (epochs - 1))
+
     def _photo_batch(self, x: np.ndarray, y: np.ndarray, i: int):
         """Batch i of this epoch, augmented by the photo policy (and CutMix on cfg.cutmix of
         the batches), from its own random stream: the same whenever it is asked for."""
         rng = np.random.default_rng([self.cfg.seed, self.epoch, i])
-        x = augment.photo_batch(x, rng, (self.cfg.crop_scale, 1.0), self.cfg.flip)
+        x = augment.photo_batch(x, rng, (self.crop_scale(self.epoch), 1.0), self.cfg.flip)
         if self.cfg.cutmix and rng.random() < self.cfg.cutmix:
             x, y = augment.cutmix(x, y, rng)
         return x, y

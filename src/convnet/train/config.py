@@ -21,7 +21,8 @@ class TrainConfig:
     flip: bool = True
     augment: str = "airbench"  # "airbench" (flip + translate) or "photo" (resized crop + flip)
     translate: int = 2  # pixels of random translation (airbench)
-    crop_scale: float = 0.25  # smallest crop, as a fraction of the image's area (photo)
+    crop_scale: float = 0.25  # smallest crop, as a fraction of the image's area (photo)...
+    crop_scale_end: float | None = None  # ...growing linearly to this by the last epoch
     cutmix: float = 0.0  # share of batches mixed by CutMix (photo)
     class_weight: str = "auto"  # "auto": weight classes by inverse frequency if imbalanced
     warmup: float = 0.23  # fraction of steps to reach the peak learning rate
