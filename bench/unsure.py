@@ -1,21 +1,28 @@
 """How well "not sure" separates images of none of the classes: python bench/unsure.py
 
 For a calibrated model (default: the bundled CIFAR-10 model's highest version), scores
-in-distribution images its calibration did not see (the CIFAR-10 test images outside the
-calibration's fitting half, rebuilt from calibration.json's seed and fraction) against
-out-of-distribution photos (default: the shared flowers photos), with several scores:
+in-distribution images its calibration did not see (the test images of --data outside the
+calibration's fitting half, rebuilt from calibration.json's seed and fraction) against images of
+none of its classes (--ood; default: the shared flowers photos), with several scores. The other
+way round, a flowers model against CIFAR-10 images:
+
+    python bench/unsure.py --model DIR --data /tmp/flowers-bench/split \
+        --ood ../shared/data/cifar10-jpeg/test.tar.gz --out bench/results/unsure_flowers
+
+Scores:
 
 - energy (-logsumexp of the logits): the rule the model ships with;
 - max_probability (of the calibrated softmax);
 - max_logit; Mahalanobis distance and cosine k-NN (k=10) on the penultimate features, with
-  class statistics from every 5th CIFAR-10 training image;
+  class statistics from every --every'th training image;
 - stem statistics: Mahalanobis distance of the first convolution's per-channel mean and spread.
 
 For each: AUROC (out-of-distribution vs all in-distribution images), the share of
 out-of-distribution images flagged, and the share of correctly classified in-distribution images
 flagged, at the threshold that flags 5% of the correct answers of the fitting half. Each score is
 also run on the photos after a 32x32 JPEG round trip at quality 75, as the CIFAR-10 images were
-made: a score that falls there reacts to compression artefacts, not to content, and would flag
+made (for a flowers model it only tells how much compression moves the score): a score that
+falls there reacts to compression artefacts, not to content, and would flag
 a sharp photo of a cat just as surely. Writes bench/results/unsure.md and .json.
 """
 
@@ -32,6 +39,7 @@ from common import RESULTS, write_results
 from PIL import Image
 
 from convnet import calibrate, calibration, modeldir
+from convnet.data import load_dataset
 from convnet.evaluate import load_predictor
 from convnet.imaging import decode_image
 
@@ -39,12 +47,12 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 FLAG_RATE = 0.05
 
 
-def read_images(path: Path, size: int, every: int = 1):
+def read_images(path: Path, size: int):
     """uint8 (N, S, S, 3) and class names of the JPEG/PNG files in a tar archive."""
     images, names = [], []
     with tarfile.open(path) as archive:
         members = [m for m in archive if m.isfile()
-                   and m.name.lower().endswith((".jpg", ".jpeg", ".png"))][::every]
+                   and m.name.lower().endswith((".jpg", ".jpeg", ".png"))]
         for m in members:
             images.append(decode_image(archive.extractfile(m).read(), size=size))
             names.append(m.name.split("/")[-2])
@@ -138,9 +146,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="calibrated model (default: bundled)")
     parser.add_argument("--data", type=Path, default=SHARED / "cifar10-jpeg",
-                        help="the model's own data: train.tar.gz and test.tar.gz")
+                        help="the model's own data, with train and test splits (any format "
+                             "convnet reads)")
+    parser.add_argument("--every", type=int, default=5,
+                        help="class statistics from every N-th training image")
     parser.add_argument("--ood", type=Path, default=SHARED / "flowers" / "train.tar.gz",
-                        help="photos of none of the classes (a tar archive)")
+                        help="images of none of the classes (a tar archive)")
     parser.add_argument("--out", type=Path, default=RESULTS / "unsure")
     args = parser.parse_args()
 
@@ -150,10 +161,12 @@ def main() -> None:
     model_bytes = (vdir / modeldir.ONNX_FILE).read_bytes()
     run = feature_session(model_bytes)
     size = load_predictor(vdir).input_size
-    test_x, test_names = read_images(args.data / "test.tar.gz", size)
-    test_y = np.array([classes.index(n) for n in test_names])
-    train_x, train_names = read_images(args.data / "train.tar.gz", size, every=5)
-    train_y = np.array([classes.index(n) for n in train_names])
+    splits = load_dataset(args.data, size=size)  # in the order `convnet calibrate` saw them
+    if splits["test"].classes != classes:
+        raise SystemExit(f"{args.data}'s classes are not the model's: {classes}")
+    test_x, test_y = splits["test"].images, splits["test"].labels
+    train_x, train_y = (splits["train"].images[::args.every],
+                        splits["train"].labels[::args.every])
     ood_x, _ = read_images(args.ood, size)
     print(f"{len(test_x)} in-distribution test images, {len(train_x)} training images for "
           f"class statistics, {len(ood_x)} out-of-distribution photos", flush=True)
@@ -164,8 +177,8 @@ def main() -> None:
     ood, ood_jpeg = run(ood_x), run(jpeg_round_trip(ood_x))
     # The calibrated graph's logits output is the raw one: energy reads it as the server does.
     correct = test["probs"].argmax(1) == test_y
-    rows, table = [], ["| score | AUROC | photos flagged | correct CIFAR-10 answers flagged | "
-                       "AUROC after JPEG q75 at 32 px | flagged after it |",
+    rows, table = [], ["| score | AUROC | other images flagged | correct answers flagged | "
+                       f"AUROC after JPEG q75 at {size} px | flagged after it |",
                        "| --- | --- | --- | --- | --- | --- |"]
     for name, score in scorers(train, train_y, record["temperature"]).items():
         s_test, s_ood, s_jpeg = score(test), score(ood), score(ood_jpeg)
@@ -187,7 +200,7 @@ def main() -> None:
              f"(temperature {record['temperature']:.4f})",
              f"in-distribution: {len(report_idx)} test images outside the calibration's fitting "
              f"half; thresholds from the {len(fit_idx)} of that half",
-             f"out-of-distribution: {len(ood_x)} photos from {args.ood.name}")
+             f"out-of-distribution: {len(ood_x)} images from {args.ood.name}")
     write_results(args.out, "Unsure: separating images of none of the classes "
                   "(`bench/unsure.py`)", text, {"rows": rows}, notes=notes)
 

@@ -89,7 +89,7 @@ def test_the_tensorflow_pipeline_serves_the_same_batches_without_autotuning():
 
 # --- the photo policy: augmented a batch at a time --------------------------------------------
 
-PHOTO = dict(augment="photo", batch_size=16, seed=3)
+PHOTO = dict(augment="photo", batch_size=16, seed=3, crop_scale=0.25)
 
 
 def test_photo_batches_copy_nothing_but_the_batch():
@@ -123,3 +123,40 @@ def test_class_weights_come_with_each_image():
     weights = np.array([0.5, 1.0, 2.0], np.float32)
     x, y, w = Batches(split, TrainConfig(batch_size=16), 3, weights=weights)[1]
     np.testing.assert_array_equal(w, weights[y.argmax(1)])
+
+
+def test_the_smallest_crop_grows_to_crop_scale_end_by_the_last_epoch():
+    cfg = TrainConfig(**{**PHOTO, "crop_scale": 0.2}, epochs=5, crop_scale_end=1.0)
+    batches = Batches(noise_split(32), cfg, 3)
+    assert [batches.crop_scale(e) for e in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert Batches(noise_split(32), TrainConfig(**PHOTO), 3).crop_scale(4) == 0.25  # constant
+    assert Batches(noise_split(32), TrainConfig(augment="photo", batch_size=16),
+                   3).crop_scale(0) == 1.0  # by default no resized crops at all
+
+
+def test_photo_batches_with_full_crops_are_shifts_and_mirrors_of_the_images():
+    split = noise_split(40)
+    cfg = TrainConfig(augment="photo", batch_size=8, crop_scale=1.0, translate=2, cutmix=0)
+    batches = Batches(split, cfg, 3)
+    known = views(split.images, 2)
+    shifts = []
+    for i in range(2 * batches.steps_per_epoch):
+        for image in batches[i][0]:
+            assert image.tobytes() in known
+            shifts.append(known[image.tobytes()])
+    assert max(s for s, _ in shifts) == 2 and {m for _, m in shifts} == {True, False}
+
+
+def test_cutmix_mixes_images_and_targets_by_area():
+    from convnet import augment
+
+    images = np.stack([np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)])
+    targets = np.eye(2, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mixed, mixed_targets = augment.cutmix(images, targets, rng)
+        pasted = (mixed[0] == 255).all(-1).mean()  # image 0's share taken from image 1
+        partner_is_other = mixed_targets[0, 1] > 0 or pasted == 0
+        if partner_is_other:
+            np.testing.assert_allclose(mixed_targets[0], [1 - pasted, pasted], atol=1e-6)
+        np.testing.assert_allclose(mixed_targets.sum(1), 1, atol=1e-6)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from convnet import modeldir
@@ -51,3 +53,22 @@ def test_bundled_model_is_complete():
     assert (vdir / "model.onnx").is_file()
     assert len(modeldir.load_labels(vdir)) == 10
     assert modeldir.load_metrics(vdir)["accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("name", modeldir.bundled_names())
+def test_each_bundled_model_is_complete_and_found_by_name(name, tmp_path, monkeypatch):
+    vdir = modeldir.resolve_version(name)
+    assert vdir.parent == modeldir.bundled_model_root(name)
+    labels = modeldir.load_labels(vdir)
+    metrics = modeldir.load_metrics(vdir)
+    assert (vdir / "model.onnx").is_file() and metrics["accuracy"] > 1 / len(labels)
+    assert modeldir.model_name(vdir) == name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name / "1").mkdir(parents=True)  # a folder of that name here wins over the bundle
+    assert modeldir.resolve_version(name) == Path(name) / "1"
+
+
+def test_an_unknown_name_lists_the_bundled_models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(modeldir.ModelDirError, match="does not exist.*cifar10"):
+        modeldir.resolve_version("no-such-model")

@@ -14,7 +14,7 @@ def survey(short_side: int, num_images: int = 3000) -> Survey:
 @pytest.mark.parametrize(("short_side", "size"), [
     (32, 32), (36, 32),  # CIFAR-style thumbnails, and a few pixels more
     (48, 48), (60, 56),  # small photos: their own size, a multiple of 8
-    (64, 64), (177, 64), (3000, 64),  # photos: PHOTO_SIZE
+    (64, 64), (90, 88), (96, 96), (177, 96), (3000, 96),  # photos: PHOTO_SIZE
 ])
 def test_default_image_size(short_side, size):
     assert sizing.default_image_size(survey(short_side)) == size

@@ -43,9 +43,17 @@ def trained(trained_run):
 def test_train_writes_a_complete_version(trained):
     vdir = trained / "1"
     for name in ("model.keras", "model.onnx", "labels.json", "metrics.json", "config.json",
-                 "log.csv", "curves.png", "confusion.png"):
+                 "log.csv", "curves.png", "confusion.png", "mistakes.json", "calibration.json",
+                 "reliability.png"):
         assert (vdir / name).is_file(), name
     metrics = json.loads((vdir / "metrics.json").read_text())
+    # no --val-split: half the test split fits the temperature, the other half measures it
+    calibrated = json.loads((vdir / "calibration.json").read_text())
+    assert calibrated["data"].startswith("half of the held-out split")
+    assert metrics["temperature"] == calibrated["temperature"] and metrics["ece"]["after"] >= 0
+    wrong = json.loads((vdir / "mistakes.json").read_text())
+    assert wrong["num_images"] == metrics["num_test"]
+    assert wrong["num_wrong"] == round(metrics["num_test"] * (1 - metrics["accuracy"]))
     assert metrics["preset"] == "quick" and metrics["epochs"] == 2
     assert metrics["accuracy"] > 0.5  # three colour classes: chance is 1/3
     assert metrics["onnx_max_abs_diff"] <= 1e-4

@@ -3,11 +3,13 @@
 Numpy rather than framework ops, so training on TensorFlow or JAX and evaluation on ONNX Runtime
 all see exactly the same pixels.
 
-Two training policies:
+Two training policies (train.batches applies them):
 - airbench (CIFAR-style thumbnails): random flips and translations of a few pixels, applied to a
-  whole epoch at once (train.batches);
-- photo: per batch, a random crop of 25-100% of the image's area (aspect ratio 3:4 to 4:3)
-  resized back to S x S, and a random mirror (`photo_batch`). Only the batch is ever in float.
+  whole epoch at once;
+- photo: a batch at a time, optional random resized crops (`crop_boxes`, `crop_resize`: a box
+  of a given share of the area, aspect ratio 3:4 to 4:3, resized back to S x S), translations,
+  a random mirror (`photo_batch`), and CutMix on a share of the batches (`cutmix`). Nothing
+  but the batch is copied, and nothing but Pillow's resampling touches floats.
 Evaluation and serving see the deterministic view (imaging.decode_image: centre square).
 """
 
@@ -98,11 +100,17 @@ def crop_resize(images: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def photo_batch(images: np.ndarray, rng: np.random.Generator,
-                scale: tuple[float, float] = (0.25, 1.0), flip: bool = True) -> np.ndarray:
-    """The photo policy for one batch: random resized crops, and a random half mirrored."""
-    out = crop_resize(images, crop_boxes(len(images), images.shape[1], rng, scale))
+                scale: tuple[float, float] = (0.25, 1.0), flip: bool = True,
+                translate: int = 0) -> np.ndarray:
+    """The photo policy for one batch: random resized crops (none when scale is (1, 1)), random
+    translations of up to `translate` pixels, and a random half mirrored."""
+    out = images
+    if scale[0] < 1:
+        out = crop_resize(images, crop_boxes(len(images), images.shape[1], rng, scale))
+    out = random_translate(out, translate, rng)
     if flip:
         mirror = rng.random(len(out)) < 0.5
+        out = out.copy() if out is images else out
         out[mirror] = out[mirror, :, ::-1]
     return out
 

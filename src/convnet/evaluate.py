@@ -128,7 +128,9 @@ def accuracy_report(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -
 
 
 def evaluate(predictor: Predictor, images: np.ndarray, labels: np.ndarray, *,
-             tta: bool = False) -> dict:
+             tta: bool = False, with_probs: bool = False) -> dict:
+    """The accuracy report (JSON-ready); with_probs adds `probs`, the (N, C) probabilities
+    scored (with TTA if asked), as an array."""
     if len(images) == 0:
         raise ValueError("no images to evaluate")
     probs, plain = predictor.probabilities_and_plain(images, tta=tta)
@@ -136,6 +138,8 @@ def evaluate(predictor: Predictor, images: np.ndarray, labels: np.ndarray, *,
     report.update(tta=tta, backend=predictor.backend, model=str(predictor.version_dir),
                   accuracy_no_tta=float((plain.argmax(1) == labels).mean()),
                   ece=calibration_error(plain, labels, predictor.version_dir))
+    if with_probs:
+        report["probs"] = probs
     return report
 
 

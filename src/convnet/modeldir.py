@@ -3,6 +3,7 @@
 Layout (TensorFlow Serving's): ``ROOT/<integer version>/`` holding
 
     model.onnx     the network, input "pixels" uint8 (N, S, S, 3), output "probabilities" (N, C)
+    model.int8.onnx  optional, the same network with int8 weights (`convnet export --quantize`)
     model.keras    the Keras model (absent from the bundled model, which ships ONNX only)
     labels.json    ["airplane", "automobile", ...], index = class id
     metrics.json   test accuracy, per-class accuracy, training time, hardware, ...
@@ -28,6 +29,8 @@ from importlib import resources
 from pathlib import Path
 
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"  # optional: the same network quantized (convnet.quantize)
+PRECISION_FILES = {"float": ONNX_FILE, "int8": INT8_FILE}  # what `convnet serve --precision` loads
 KERAS_FILE = "model.keras"
 LABELS_FILE = "labels.json"
 METRICS_FILE = "metrics.json"
@@ -38,9 +41,28 @@ class ModelDirError(ValueError):
     """A model directory that cannot be used, with the reason."""
 
 
-def bundled_model_root() -> Path:
-    """The CIFAR-10 model shipped inside the package (ONNX, labels, metrics)."""
-    return Path(str(resources.files("convnet") / "bundled" / "cifar10"))
+BUNDLED_DEFAULT = "cifar10"  # what the server loads when given no model
+
+
+def bundled_model_root(name: str = BUNDLED_DEFAULT) -> Path:
+    """A model shipped inside the package (ONNX, labels, metrics): `cifar10` or `flowers`."""
+    return Path(str(resources.files("convnet") / "bundled" / name))
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.name for p in Path(str(resources.files("convnet") / "bundled")).iterdir()
+                  if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+def locate(path: str | os.PathLike | None) -> Path:
+    """The model root or version folder `path` names: None is the bundled CIFAR-10 model, and a
+    bare name that is no file here but a bundled model's (`flowers`) is that model."""
+    if path is None:
+        return bundled_model_root()
+    given = Path(path)
+    if not given.exists() and len(given.parts) == 1 and given.name in bundled_names():
+        return bundled_model_root(given.name)
+    return given
 
 
 def list_versions(root: str | os.PathLike) -> list[int]:
@@ -57,10 +79,11 @@ def is_version_dir(path: Path) -> bool:
 
 def resolve_version(path: str | os.PathLike | None) -> Path:
     """Return the version folder for `path`: a version folder itself, or a root whose highest
-    version is taken. None means the bundled model."""
-    path = Path(path) if path is not None else bundled_model_root()
+    version is taken. None means the bundled CIFAR-10 model, a bare bundled name that model."""
+    path = locate(path)
     if not path.exists():
-        raise ModelDirError(f"model directory {path} does not exist")
+        raise ModelDirError(f"model directory {path} does not exist (bundled models, served "
+                            f"by name: {', '.join(bundled_names())})")
     if is_version_dir(path):
         return path
     versions = list_versions(path)

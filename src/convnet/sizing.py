@@ -14,12 +14,12 @@ import math
 
 from convnet.data import CIFAR_SIZE, Survey
 
-PHOTO_SIZE = 64  # default input side for photographs, pixels
+PHOTO_SIZE = 96  # default input side for photographs, pixels (flowers: 89% at 96 px, 87% at 64)
 MIN_SIZE = 32  # photos smaller than PHOTO_SIZE are used at their own size, but not below this
 SIZE_STEP = 8  # input sides are multiples of this
 MIN_STEPS_PER_EPOCH = 32  # halve the batch until an epoch has this many steps...
 MIN_BATCH = 64  # ...but not below this
-MIN_IMAGES_SEEN = 120_000  # a run sees at least this many images (epochs x training images)
+MIN_IMAGES_SEEN = 96_000  # a run sees at least this many images (epochs x training images)
 MAX_EPOCHS = 400  # however few the images
 
 
@@ -33,7 +33,8 @@ def default_image_size(survey: Survey) -> int:
 
 
 def default_augment(survey: Survey) -> str:
-    """airbench's flips and translations for thumbnails; random resized crops for photos."""
+    """airbench's whole-epoch flips and translations for thumbnails; for photos the same a
+    batch at a time, with CutMix (train.config.with_augmentation)."""
     return "photo" if survey.photos else "airbench"
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convnet.modeldir import ModelDirError, bundled_model_root, list_versions, resolve_version
+from convnet.modeldir import ModelDirError, list_versions, locate, resolve_version
 from convnet.serve.model import LoadedModel, LoadError, load_model
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,14 @@ class ModelHolder:
         *,
         reload_interval: float = 2.0,  # seconds between polls; 0 disables reloading
         inference_threads: int = 1,
+        precision: str = "float",  # "int8": serve each version's model.int8.onnx
         on_load: Callable[[LoadedModel], None] | None = None,
         on_refuse: Callable[[Refusal], None] | None = None,
     ):
-        self.model_dir = Path(model_dir) if model_dir is not None else bundled_model_root()
+        self.model_dir = locate(model_dir)
         self.reload_interval = reload_interval
         self.inference_threads = inference_threads
+        self.precision = precision
         self._on_load = on_load or (lambda model: None)
         self._on_refuse = on_refuse or (lambda refusal: None)
         self._current: LoadedModel | None = None
@@ -106,7 +108,8 @@ class ModelHolder:
     def _try_load(self, version_dir: Path, version_fingerprint: Fingerprint = ()) -> bool:
         started = time.perf_counter()
         try:
-            model = load_model(version_dir, inference_threads=self.inference_threads)
+            model = load_model(version_dir, inference_threads=self.inference_threads,
+                               precision=self.precision)
         except Exception as exc:  # unreadable files, bad encodings...: all mean "do not serve"
             if isinstance(exc, LoadError):
                 reason, detail = exc.reason, str(exc)
@@ -119,8 +122,9 @@ class ModelHolder:
         self._current = model  # the swap: one reference assignment, atomic under the GIL
         self.load_error = None
         log.info(
-            "serving %s version %d from %s (loaded in %.0f ms%s)",
-            model.name, model.version, version_dir, (time.perf_counter() - started) * 1000,
+            "serving %s version %d (%s) from %s (loaded in %.0f ms%s)",
+            model.name, model.version, model.precision, version_dir,
+            (time.perf_counter() - started) * 1000,
             f", replacing version {previous.version}" if previous else "",
         )
         self._on_load(model)

@@ -4,7 +4,7 @@
 
 The recipe follows airbench94 (Keller Jordan): a frozen patch-whitening stem set from the data,
 BatchNorm biases learning 64x faster than the rest, Nesterov SGD with a triangular schedule,
-label smoothing, flip + translate augmentation (random resized crops + flips for photos), and
+label smoothing, flip + translate augmentation (for photos a batch at a time, with CutMix), and
 flip + shift test-time augmentation. The network normalises by its own training data's pixel
 statistics. Class imbalance: classes weighted by inverse frequency (cfg.class_weight). Works on
 any Keras 3 backend (TensorFlow by default, JAX on GPUs).
@@ -46,6 +46,7 @@ from convnet.train.config import (
     TrainError,
     default_batch_size,
     default_epochs,
+    with_augmentation,
 )
 from convnet.train.fit_loop import data_parallel, run_fit
 from convnet.train.progress import epoch_line
@@ -157,7 +158,7 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"unknown precision {cfg.precision!r}: choose one of "
                          f"{', '.join(PRECISIONS)}")
-    cfg = replace(cfg, image_size=_image_size(cfg, train_split, test_split))
+    cfg = with_augmentation(replace(cfg, image_size=_image_size(cfg, train_split, test_split)))
     fit_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
     weights = class_weights(cfg.class_weight, fit_split)
     loop = choose_loop(cfg, resume=resume, tensorboard=tensorboard, weighted=weights is not None)
@@ -181,7 +182,8 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
                                                       verbose)
         return publish.publish(model, cfg, out, classes, epochs=epochs, test_split=test_split,
                                train_seconds=seconds, started=started, history=history,
-                               num_train=len(fit_split), facts=facts)
+                               num_train=len(fit_split), facts=facts,
+                               calibration_split=val_split or test_split)
     if epochs != int(epochs):
         raise TrainError(f"--epochs {epochs}: fractional epochs need the device loop (JAX)")
     epochs = int(epochs)
@@ -197,7 +199,8 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     return publish.publish(model, cfg, out, classes, epochs=epochs,
                            test_split=test_split or val_split, train_seconds=seconds,
                            started=started, history=history, num_train=len(fit_split),
-                           replicas=replicas, facts=facts, calibration_split=val_split)
+                           replicas=replicas, facts=facts,
+                           calibration_split=val_split or test_split)
 
 
 def _device_fit(cfg: TrainConfig, split: Split, batch_size: int, epochs: float,
@@ -214,7 +217,7 @@ def _device_fit(cfg: TrainConfig, split: Split, batch_size: int, epochs: float,
     recipe = device_loop.Recipe(
         epochs=epochs, batch_size=batch_size, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, bias_lr_scale=cfg.bias_lr_scale,
-        label_smoothing=cfg.label_smoothing, flip=cfg.flip, translate=cfg.translate,
+        label_smoothing=cfg.label_smoothing, flip=cfg.flip, translate=cfg.translate or 0,
         seed=cfg.seed)
     total = math.ceil(epochs)
     last = time.perf_counter()

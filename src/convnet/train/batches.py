@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import keras
 import numpy as np
 
 from convnet import augment
 from convnet.data import Split
-from convnet.train.config import TrainConfig
+from convnet.train.config import TrainConfig, with_augmentation
 
 
 class Batches(keras.utils.PyDataset):
@@ -37,9 +38,11 @@ class Batches(keras.utils.PyDataset):
         super().__init__()
         if not cfg.batch_size:
             raise ValueError("Batches needs cfg.batch_size (train() sets the preset's default)")
+        self.batch_size: int = cfg.batch_size
+        cfg = with_augmentation(replace(cfg, image_size=split.images.shape[1]))
+        self.translate: int = cfg.translate or 0
         self.split, self.cfg, self.num_classes = split, cfg, num_classes
         self.weights = weights
-        self.batch_size = cfg.batch_size
         self.steps_per_epoch = len(split) // self.batch_size  # drop the ragged last batch
         self.per_batch = cfg.augment == "photo"
         self.base = split.images
@@ -63,7 +66,7 @@ class Batches(keras.utils.PyDataset):
         if self.per_batch:
             return self.split.images
         if self.images is None:
-            images = augment.random_translate(self.base, self.cfg.translate, self.rng)
+            images = augment.random_translate(self.base, self.translate, self.rng)
             images = images[:, :, ::-1] if self.cfg.flip and self.epoch % 2 else images
             self.images = images
             return images
@@ -119,7 +122,8 @@ class Batches(keras.utils.PyDataset):
         """Batch i of this epoch, augmented by the photo policy (and CutMix on cfg.cutmix of
         the batches), from its own random stream: the same whenever it is asked for."""
         rng = np.random.default_rng([self.cfg.seed, self.epoch, i])
-        x = augment.photo_batch(x, rng, (self.crop_scale(self.epoch), 1.0), self.cfg.flip)
+        x = augment.photo_batch(x, rng, (self.crop_scale(self.epoch), 1.0), self.cfg.flip,
+                                self.translate)
         if self.cfg.cutmix and rng.random() < self.cfg.cutmix:
             x, y = augment.cutmix(x, y, rng)
         return x, y

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from convnet import sizing
 
@@ -19,11 +19,11 @@ class TrainConfig:
     bias_lr_scale: float = 64.0  # BatchNorm biases learn this much faster
     label_smoothing: float = 0.2
     flip: bool = True
-    augment: str = "airbench"  # "airbench" (flip + translate) or "photo" (resized crop + flip)
-    translate: int = 2  # pixels of random translation (airbench)
-    crop_scale: float = 0.25  # smallest crop, as a fraction of the image's area (photo)...
+    augment: str = "airbench"  # "airbench" (whole epochs) or "photo" (per batch), see Batches
+    translate: int | None = None  # pixels of random translation; None: S // 16 (2 at 32 px)
+    crop_scale: float = 1.0  # photo: smallest random resized crop, fraction of the area...
     crop_scale_end: float | None = None  # ...growing linearly to this by the last epoch
-    cutmix: float = 0.0  # share of batches mixed by CutMix (photo)
+    cutmix: float | None = None  # photo: share of batches mixed by CutMix; None: PHOTO_CUTMIX
     class_weight: str = "auto"  # "auto": weight classes by inverse frequency if imbalanced
     warmup: float = 0.23  # fraction of steps to reach the peak learning rate
     lr_start: float = 0.2  # learning rate at the first step, as a fraction of the peak
@@ -55,6 +55,9 @@ DEVICE_BATCH = 1024
 # The tutorial net has no BatchNorm; it trains with plain Adam like the original.
 TUTORIAL_LR = 1e-3
 
+# Photos: CutMix on half the batches (bench/results/flowers_probes.md)
+PHOTO_CUTMIX = 0.5
+
 LOOPS = ("auto", "fit", "device")
 PRECISIONS = ("auto", "float32", "bfloat16")
 AUGMENTS = ("airbench", "photo")
@@ -71,3 +74,18 @@ def default_epochs(preset: str, loop: str, num_train: int) -> float:
     """The preset's epochs for the loop, more for a small data set (sizing.epochs_for)."""
     return sizing.epochs_for(num_train, (DEVICE_EPOCHS if loop == "device" else
                                          PRESET_EPOCHS)[preset])
+
+
+def with_augmentation(cfg: TrainConfig) -> TrainConfig:
+    """cfg with the augmentation's defaults filled in for its image size and policy: translate
+    S // 16 pixels, CutMix on PHOTO_CUTMIX of the batches for photos (none for airbench)."""
+    translate = (cfg.image_size or 32) // 16 if cfg.translate is None else cfg.translate
+    cutmix = cfg.cutmix
+    if cfg.augment == "photo":
+        cutmix = PHOTO_CUTMIX if cutmix is None else cutmix
+        if not 0 < cfg.crop_scale <= 1 or not 0 < (cfg.crop_scale_end or 1) <= 1:
+            raise TrainError(f"crop scales must be in (0, 1], got {cfg.crop_scale} and "
+                             f"{cfg.crop_scale_end}")
+    elif cutmix or cfg.crop_scale != 1 or cfg.crop_scale_end is not None:
+        raise TrainError("CutMix and random resized crops are part of --augment photo")
+    return replace(cfg, translate=translate, cutmix=cutmix or 0.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import keras
 
-from convnet import evaluate, export, modeldir, models
+from convnet import evaluate, export, mistakes, modeldir, models
 from convnet.data import Split
 from convnet.train.config import TrainConfig
 from convnet.train.recipe import as_float32
@@ -114,7 +114,10 @@ def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str],
         }
         if test_split is not None:
             report = evaluate.evaluate(predictor, test_split.images, test_split.labels,
-                                       tta=cfg.tta)
+                                       tta=cfg.tta, with_probs=True)
+            mistakes.write_mistakes(staged, test_split.images, test_split.labels,
+                                    report.pop("probs"), classes=classes, tta=cfg.tta,
+                                    source="the test split scored at the end of training")
             metrics.update(
                 accuracy=report["accuracy"], accuracy_no_tta=report["accuracy_no_tta"],
                 top5_accuracy=report["top5_accuracy"], tta=cfg.tta,
@@ -141,20 +144,25 @@ def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str],
 
 
 def calibrate_staged(staged: Path, held_out: Split, test_split: Split | None) -> None:
-    """Fit the temperature and the unsure rule on `held_out` and measure the calibration error on
-    the test split; when the test split is `held_out` itself (no other), on half of each."""
+    """Fit the temperature and the unsure rule on `held_out` (the validation split, or the test
+    split when there is no validation split) and measure the calibration error on the test
+    split; when the test split is `held_out` itself, fit on half of it and measure on the other
+    half. The temperature changes no answer, so the accuracy on the whole test split stands."""
     from convnet import calibrate
 
     if test_split is not None and test_split is not held_out:
         fit_x, fit_y, report_x, report_y = (held_out.images, held_out.labels,
                                             test_split.images, test_split.labels)
-    else:
-        fit_idx, report_idx = calibrate.split_for_fitting(held_out.labels, 0.5)
+        facts: dict = {"data": "the validation split held out of training"}
+    else:  # the halves are rebuilt from fit_fraction and seed (bench/unsure.py does)
+        facts = {"data": "half of the held-out split (the other half measures the calibration "
+                         "error)", "fit_fraction": 0.5, "seed": 0}
+        fit_idx, report_idx = calibrate.split_for_fitting(held_out.labels, facts["fit_fraction"],
+                                                          facts["seed"])
         fit_x, fit_y = held_out.images[fit_idx], held_out.labels[fit_idx]
         report_x, report_y = held_out.images[report_idx], held_out.labels[report_idx]
     try:
-        record = calibrate.calibrate_into(staged, fit_x, fit_y, report_x, report_y,
-                                          data="the validation split held out of training")
+        record = calibrate.calibrate_into(staged, fit_x, fit_y, report_x, report_y, **facts)
     except calibrate.CalibrationError as exc:
         log.warning("not calibrated: %s", exc)
         return
