@@ -7,7 +7,9 @@
 #
 # Settings (environment): REPLICAS (2), PORT (8080, nginx), REPLICA_PORTS (default: 8001, 8002,
 # ...), HOST (127.0.0.1), MODEL (the bundled model), CONVNET (.venv/bin/convnet), NGINX (nginx),
-# KEEP_RUN_DIR=1 keeps the logs. Arguments after `--` go to every `convnet serve`.
+# KEEP_RUN_DIR=1 keeps the logs. Arguments after `--` go to every `convnet serve`; so do CONVNET_*
+# settings, e.g. CONVNET_API_KEYS_FILE and CONVNET_RATE_LIMIT (README, "API keys, rate limits and
+# access logs"). CONVNET_RATE_LIMIT_STORAGE defaults to one file in the run folder, shared by all.
 # Pid files, logs and nginx's temp files live in a fresh temporary folder, printed at start.
 set -euo pipefail
 
@@ -37,6 +39,9 @@ fi
 RUN_DIR=$(mktemp -d -t convnet-replicas-XXXXXX)
 chmod 755 "$RUN_DIR"  # nginx's workers may run as another user when started by root
 mkdir -p "$RUN_DIR/logs" "$RUN_DIR/tmp"
+# One rate-limit counter file for all replicas (and their workers), so a key's RATE_LIMIT holds
+# across them; each `convnet serve` would otherwise count in a file of its own.
+export CONVNET_RATE_LIMIT_STORAGE=${CONVNET_RATE_LIMIT_STORAGE:-sqlite://$RUN_DIR/limits.sqlite3}
 PIDS=()
 
 stop() {
