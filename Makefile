@@ -22,13 +22,16 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.full: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -e '.[train,dev,postgres]'
 	touch $(VENV)/.core $@
 
-# Debian packages the tests drive: Chromium for the browser test, nginx for the replica set-up.
+# Debian packages the tests drive: Chromium for the browser test, nginx for the replica set-up,
+# PostgreSQL for the shared feedback store (the tests start their own server, as user postgres).
 system-deps:
-	@if ! command -v chromium >/dev/null || ! command -v nginx >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx; \
+	@if ! command -v chromium >/dev/null || ! command -v nginx >/dev/null \
+			|| ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx \
+			postgresql; \
 	fi
 
 serve: $(VENV)/.core

@@ -6,11 +6,12 @@ a Markdown table (plus JSON) of requests/s, images/s, p50/p95/p99 latency and er
 
     onnx      ONNX Runtime alone, batches of 64 decoded images, one process: the ceiling
     convnet   `convnet serve` (gunicorn, micro-batching), as shipped or with the options below
+    convnet-int8  the same with --precision int8 (model.int8.onnx; skipped if the version has none)
     baseline  bench/baseline_server.py: Flask's dev server, Keras model.predict per request
     bentoml   bench/bento_service.py: BentoML 1.4 with adaptive batching, in bench/.venv-bento
               (created here on first use, so BentoML's dependencies never touch ours)
 
-    .venv/bin/python bench/serve_load.py --keras runs/cifar10   # ~13 min: 3 rounds, 10 s rows
+    .venv/bin/python bench/serve_load.py --keras runs/cifar10   # ~17 min: 3 rounds, 10 s rows
     .venv/bin/python bench/serve_load.py --targets convnet --duration 5 --out /tmp/try
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8080       # e.g. through nginx
 
@@ -158,7 +159,11 @@ def make_targets(args, version_dir: Path, log_dir: Path) -> list[Target]:
     targets = []
     for name in args.targets:
         port = free_port()
-        if name == "convnet":
+        if name in ("convnet", "convnet-int8"):
+            if name == "convnet-int8" and not (version_dir / "model.int8.onnx").is_file():
+                print(f"skipping convnet-int8: no model.int8.onnx in {version_dir}",
+                      file=sys.stderr)
+                continue
             settings = {"BATCH_MAX_SIZE": args.batch_max_size,
                         "BATCH_MAX_DELAY_MS": args.batch_delay_ms,
                         "INFERENCE_THREADS": args.inference_threads}
@@ -168,7 +173,11 @@ def make_targets(args, version_dir: Path, log_dir: Path) -> list[Target]:
             for flag in ("workers", "threads"):
                 if getattr(args, flag) is not None:
                     command += [f"--{flag}", str(getattr(args, flag))]
-            targets.append(Target("convnet", describe_convnet(args), "/api/v1/predict",
+            description = describe_convnet(args)
+            if name == "convnet-int8":
+                command += ["--precision", "int8"]
+                description += " (--precision int8: model.int8.onnx)"
+            targets.append(Target(name, description, "/api/v1/predict",
                                   "file", "/readyz", command, env, port))
         elif name == "baseline":
             keras_dir = resolve_version(args.keras) if args.keras else version_dir
@@ -263,7 +272,7 @@ def running(target: Target, log_dir: Path):
 
 def batch_stats(target: Target) -> tuple[float, float] | None:
     """(sum, count) of our images-per-inference-call histogram, from /metrics."""
-    if target.name not in ("convnet", "url"):
+    if target.name not in ("convnet", "convnet-int8", "url"):
         return None
     with contextlib.suppress(OSError):
         _, text = http_get(target, "/metrics")
@@ -410,8 +419,8 @@ def parse_args(argv=None):
     parser.add_argument("--model", dest="model_root", default=None,
                         help="model root or version folder (default: the bundled model)")
     parser.add_argument("--targets", default=None,
-                        help="comma-separated: onnx,convnet,baseline,bentoml (default: all, or "
-                             "none with --url)")
+                        help="comma-separated: onnx,convnet,convnet-int8,baseline,bentoml "
+                             "(default: all, or none with --url)")
     parser.add_argument("--url", help="also (or only) load this running server: http://HOST:PORT")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per row")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each row")
@@ -433,10 +442,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "serve_load",
                         help="report path without suffix (.md and .json are written)")
     args = parser.parse_args(argv)
-    default = "" if args.url else "onnx,convnet,baseline,bentoml"
+    default = "" if args.url else "onnx,convnet,convnet-int8,baseline,bentoml"
     args.targets = [t for t in (args.targets if args.targets is not None else default).split(",")
                     if t]
-    unknown = set(args.targets) - {"onnx", "convnet", "baseline", "bentoml"}
+    unknown = set(args.targets) - {"onnx", "convnet", "convnet-int8", "baseline", "bentoml"}
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

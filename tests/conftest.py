@@ -163,6 +163,17 @@ def http(method: str, url: str, body: bytes | None = None, headers=None, timeout
         return exc.code, exc.headers, exc.read()
 
 
+def interrupt(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGINT (Ctrl-C) to a server still running, then wait for it; kill it after `timeout` s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class LiveServer:
     """`convnet.serve.server.run` in a subprocess on a free port; stop() returns its output."""
 
@@ -207,13 +218,7 @@ class LiveServer:
     def stop(self) -> tuple[str, str]:
         """SIGINT (Ctrl-C), as a person would stop it; returns (stdout, stderr)."""
         if self.output is None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            interrupt(self.process)
             self.output = (self.stdout_path.read_text(errors="replace"),
                            self.stderr_path.read_text(errors="replace"))
         return self.output

@@ -81,3 +81,70 @@ def test_out_inside_a_published_version_is_refused(root):
     assert result.exit_code == 2
     assert "published version" in result.output and "never modified" in result.output
     assert digest(root / "1") == before
+
+
+def coloured_images(n: int, seed: int = 0) -> np.ndarray:
+    """Solid random colours with a little noise, (n, 32, 32, 3) uint8: the tiny model's average
+    pooling sees n different inputs, so its answers vary."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 236, (n, 1, 1, 3))
+    return (colours + rng.integers(0, 20, (n, 32, 32, 3))).astype(np.uint8)
+
+
+def serving_outputs(folder, images) -> dict[str, np.ndarray]:
+    tf = pytest.importorskip("tensorflow")
+    signature = tf.saved_model.load(str(folder)).signatures["serving_default"]
+    return {k: v.numpy() for k, v in signature(pixels=tf.constant(images)).items()}
+
+
+def test_a_calibrated_version_exports_a_calibrated_saved_model(tmp_path):
+    import onnxruntime as ort
+
+    from convnet import calibrate
+    from convnet.calibration import CALIBRATION_FILE
+
+    root = tmp_path / "shapes"
+    (root / "1").mkdir(parents=True)
+    model = tiny_model()
+    model.save(root / "1" / modeldir.KERAS_FILE)
+    modeldir.write_json_atomic(root / "1" / modeldir.LABELS_FILE, ["a", "b", "c"])
+    plain_onnx = export.export_version(root, "onnx")  # version 2
+    images = coloured_images(300)
+    labels = np.asarray(model(images)).argmax(1)
+    flip = np.random.default_rng(1).random(len(labels)) < 0.1  # so T stays finite
+    labels[flip] = (labels[flip] + 1) % 3
+    calibrated = calibrate.calibrate_version(plain_onnx.parent, images, labels)  # version 3
+    temperature = json.loads((calibrated / CALIBRATION_FILE).read_text())["temperature"]
+    assert abs(temperature - 1) > 0.05  # a test that T is applied, not a T of 1
+
+    saved = export.export_version(calibrated, "saved_model")  # version 4
+    assert saved == root / "4" and (saved / "saved_model.pb").is_file()
+    check = coloured_images(8, seed=2)
+    ours = serving_outputs(saved, check)
+    session = ort.InferenceSession(str(calibrated / modeldir.ONNX_FILE),
+                                   providers=["CPUExecutionProvider"])
+    probs, logits = session.run(["probabilities", "logits"], {"pixels": check})
+    assert sorted(ours) == ["logits", "probabilities"]
+    np.testing.assert_allclose(ours["probabilities"], probs, atol=1e-5)
+    np.testing.assert_allclose(ours["logits"], logits, atol=1e-5)
+    uncalibrated = np.asarray(model(check))
+    assert np.abs(ours["probabilities"] - uncalibrated).max() > 1e-3
+    assert np.array_equal(ours["probabilities"].argmax(1), uncalibrated.argmax(1))
+    # The version it was made from (no calibration.json) exports as before: probabilities only.
+    plain = serving_outputs(export.export_version(root / "1", "saved_model"), check)
+    assert list(plain) == ["probabilities"]
+    np.testing.assert_allclose(plain["probabilities"], uncalibrated, atol=1e-6)
+
+
+def test_logits_model_undoes_a_softmax_layer_and_refuses_other_heads():
+    from convnet import models
+
+    keras.utils.set_random_seed(0)
+    pixels = keras.Input((32, 32, 3), dtype="uint8", name="pixels")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(pixels))
+    net = keras.Model(pixels, keras.layers.Dense(3)(x))
+    images = coloured_images(4)
+    np.testing.assert_allclose(export.logits_model(models.with_softmax(net))(images),
+                               net(images), atol=1e-6)
+    with pytest.raises(export.ExportError, match="no logits"):
+        export.logits_model(net)

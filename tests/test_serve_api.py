@@ -242,4 +242,5 @@ class TestCors:
         assert response.status_code == 200
         assert response.headers["Access-Control-Allow-Origin"] == "https://a.example"
         assert "POST" in response.headers["Access-Control-Allow-Methods"]
-        assert response.headers["Access-Control-Allow-Headers"] == "Content-Type"
+        assert response.headers["Access-Control-Allow-Headers"] == (
+            "Content-Type, Authorization, X-API-Key, X-Request-Id")

@@ -22,7 +22,8 @@ def test_health_and_server_metadata(client):
     assert client.get("/v2/health/live").get_json() == {"live": True}
     assert client.get("/v2/health/ready").get_json() == {"ready": True}
     body = client.get("/v2").get_json()
-    assert body["name"] == "convnet" and "version" in body and body["extensions"] == []
+    assert body["name"] == "convnet" and "version" in body
+    assert body["extensions"] == ["binary_tensor_data"]
 
 
 def test_model_metadata_and_ready(client):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import click
 
-MODEL_HELP = "Model root (highest version used) or one version folder. Default: bundled model."
+MODEL_HELP = ("Model root (highest version used), one version folder, or a bundled model's name "
+              "(cifar10, flowers). Default: the bundled CIFAR-10 model.")
 
 
 class CliError(click.ClickException):
@@ -115,10 +116,10 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
               show_default=True)
 @click.option("--image-size", type=click.IntRange(16, 256), default=None,
               help="Input side in pixels; images are decoded to it (centre square). Default: "
-                   "32 for CIFAR-style 32x32 data, 64 for photos (their own size if smaller).")
+                   "32 for CIFAR-style 32x32 data, 96 for photos (their own size if smaller).")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None,
               help="Default: the preset's (fast 8, quick 6 on model.fit), more for a small data "
-                   "set: enough to see 120,000 images. Fractions (e.g. 9.9) need the device loop.")
+                   "set: enough to see 96,000 images. Fractions (e.g. 9.9) need the device loop.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Default: the preset's (quick 512 on model.fit, else 1024), halved for a small "
                    "data set until an epoch has 32 steps (not below 64).")
@@ -127,13 +128,20 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
 @click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               show_default=True, help="Fraction of train held out for validation.")
 @click.option("--label-smoothing", type=click.FloatRange(0, 1), default=0.2, show_default=True)
-@click.option("--translate", type=click.IntRange(0, 8), default=2, show_default=True,
-              help="Random translation, pixels.")
+@click.option("--translate", type=click.IntRange(0, 32), default=None,
+              help="Random translation, pixels. Default: a 16th of the image size (2 at 32 px).")
 @click.option("--no-flip", is_flag=True, help="Disable random horizontal flips.")
 @click.option("--augment", type=click.Choice(["auto", "airbench", "photo"]), default="auto",
               show_default=True,
-              help="airbench: flips and --translate shifts (for thumbnails); photo: random "
-                   "resized crops (25-100% of the area) and flips; auto: photo for photos.")
+              help="airbench: flips and shifts a whole epoch at a time (for thumbnails); photo: "
+                   "flips, shifts, CutMix and optional resized crops, a batch at a time; auto: "
+                   "photo for photos.")
+@click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+              show_default=True,
+              help="photo: random resized crops of this share of the area up to all of it "
+                   "(e.g. 0.25); 1: none.")
+@click.option("--cutmix", type=click.FloatRange(0, 1), default=None,
+              help="photo: share of batches mixed by CutMix.  [default: 0.5]")
 @click.option("--class-weight", type=click.Choice(["auto", "none"]), default="auto",
               show_default=True,
               help="auto: weight the loss by inverse class frequency when the largest class "
@@ -160,10 +168,14 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
               help="Print the model for --data (its classes, input size), parameters and FLOPs; "
                    "exit.")
 @click.option("--no-cache", is_flag=True, help="Decode the dataset again, ignoring the cache.")
+@click.option("--extra", type=click.Path(exists=True), default=None,
+              help="More training images, e.g. a `convnet feedback export` folder: added to "
+                   "--data's train split; its classes must be among --data's.")
 @_fail_clearly
 def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr, seed, val_split,
-          label_smoothing, translate, no_flip, augment, class_weight, tta, tensorboard, time_limit,
-          data_parallel, loop, precision, resume, dry_run, no_cache):
+          label_smoothing, translate, no_flip, augment, crop_scale, cutmix, class_weight, tta,
+          tensorboard, time_limit, data_parallel, loop, precision, resume, dry_run, no_cache,
+          extra):
     """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics).
     Input size, augmentation, batch size and epochs default to what suits the data."""
     from convnet import data, sizing
@@ -191,6 +203,12 @@ def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr,
         splits["test"] = test.get("test") or test.get("train")
     if "train" not in splits:
         raise CliError(f"{data_path} has no training split")
+    if extra:
+        from convnet.feedback.merge import merge_extra
+
+        before = len(splits["train"])
+        splits["train"] = merge_extra(splits, extra, size)
+        click.echo(f"{extra}: {len(splits['train']) - before} more training images")
     if splits.get("test") is not None and splits["test"].classes != splits["train"].classes:
         raise CliError("train and test sets have different classes: "
                        f"{splits['train'].classes} vs {splits['test'].classes}")
@@ -200,9 +218,10 @@ def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr,
     cfg = training.TrainConfig(
         preset=preset, epochs=epochs, batch_size=batch_size, seed=seed, val_split=val_split,
         label_smoothing=label_smoothing, translate=translate, flip=not no_flip, tta=tta,
-        data=str(data_path), time_limit=time_limit, data_parallel=data_parallel,
+        data=str(data_path) + (f" + {extra}" if extra else ""), time_limit=time_limit,
+        data_parallel=data_parallel,
         loop=loop, precision=precision, image_size=size, augment=augment,
-        class_weight=class_weight,
+        crop_scale=crop_scale, cutmix=cutmix, class_weight=class_weight,
     )
     if lr is not None:
         cfg.lr = lr
@@ -222,25 +241,32 @@ def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr,
 
 
 @main.command("export")
-@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+@click.option("--model", "model_dir", type=click.Path(), default=None, help=MODEL_HELP)
 @click.option("--format", "fmt", type=click.Choice(["onnx", "saved_model"]), default="onnx",
               show_default=True)
 @click.option("--out", type=click.Path(), default=None,
               help="A file (onnx) or folder (saved_model) to write, outside any published "
                    "version. Default: publish the export as the model root's next version.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write model.int8.onnx, statically quantized, calibrated on --data's "
+                   "training images (serve it with `convnet serve --precision int8`).")
+@click.option("--data", "data_path", type=click.Path(exists=True), default=None,
+              help="Dataset whose training images calibrate --quantize.")
 @_fail_clearly
-def export_cmd(model_dir, fmt, out):
+def export_cmd(model_dir, fmt, out, quantize, data_path):
     """Export a version's model.keras as ONNX or a TF Serving SavedModel. Without --out the
     export is published as the next version (a copy with the new file); published versions
     are never modified."""
+    if quantize and data_path is None:
+        raise CliError("--quantize int8 needs --data: training images to calibrate it on")
     _import_keras()
     from convnet.export import export_version
 
-    click.echo(export_version(model_dir, fmt, out))
+    click.echo(export_version(model_dir, fmt, out, int8_data=data_path if quantize else None))
 
 
 @main.command("evaluate")
-@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+@click.option("--model", "model_dir", type=click.Path(), default=None, help=MODEL_HELP)
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True))
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--backend", type=click.Choice(["onnx", "keras"]), default="onnx",
@@ -300,7 +326,7 @@ def evaluate_cmd(model_dir, data_path, split, backend, tta, as_json, confusion, 
 
 
 @main.command("calibrate")
-@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+@click.option("--model", "model_dir", type=click.Path(), default=None, help=MODEL_HELP)
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True),
               help="Images the model's weights never saw (e.g. its test set).")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
@@ -333,7 +359,7 @@ def calibrate_cmd(model_dir, data_path, split, fit_fraction, seed, out_root):
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+@click.option("--model", "model_dir", type=click.Path(), default=None, help=MODEL_HELP)
 @click.option("--top-k", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_fail_clearly
@@ -355,22 +381,152 @@ def predict(files, model_dir, top_k, as_json):
         click.echo(f"{r['file']}: {ranked}")
 
 
+@main.command("audit")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True),
+              help="Dataset: CIFAR-10 batches (folder or tarball), image folder or archive.")
+@click.option("--model", "model_dir", type=click.Path(exists=True), default=None,
+              help="Model root or version folder whose features drive the mislabel check. "
+                   "Without one that check is skipped (see --labels).")
+@click.option("--labels", "label_features", type=click.Choice(["auto", "pixels", "off"]),
+              default="auto", show_default=True,
+              help="Mislabel check on: auto, the --model's features (none without it); pixels, "
+                   "small pixels and colours (weak on photos); off.")
+@click.option("--near-bits", type=click.IntRange(0, 32), default=None,
+              help="Perceptual-hash bits (of 64) within which two images are near-duplicates. "
+                   "[default: 8]")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object, a key per kind of finding.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Write an HTML report here: index.html, thumbnails, findings.json.")
+@_fail_clearly
+def audit_cmd(data_path, model_dir, label_features, near_bits, as_json, out):
+    """Check a dataset: unreadable, tiny, greyscale and odd-sized images, class counts, exact
+    and near-duplicates, train/test leakage and likely mislabelled images, each named."""
+    try:
+        import cleanlab  # noqa: F401
+        import imagehash  # noqa: F401
+    except ImportError as exc:
+        raise CliError(f"convnet audit needs the audit extra ({exc.name} is missing): "
+                       "pip install 'convnet[audit]'") from None
+    from convnet.audit import AuditConfig, audit, summary_lines
+
+    cfg = AuditConfig(label_features=label_features)
+    if near_bits is not None:
+        cfg.near_bits = near_bits
+    findings, scan = audit(data_path, model_dir, cfg)
+    if out:
+        from convnet.audit.report import write_report
+
+        findings["report"] = str(write_report(out, findings, scan))
+    if as_json:
+        click.echo(json.dumps(findings))
+        return
+    for line in summary_lines(findings):
+        click.echo(line)
+    if out:
+        click.echo(f"report: {findings['report']}")
+
+
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(exists=True), default=None, help=MODEL_HELP)
+@click.option("--model", "model_dir", type=click.Path(), default=None, help=MODEL_HELP)
 @click.option("--host", default=os.environ.get("HOST", "127.0.0.1"), show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--workers", type=click.IntRange(1), default=2, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True,
+              envvar="CONVNET_WORKERS", help="Gunicorn worker processes ($CONVNET_WORKERS).")
+@click.option("--threads", type=click.IntRange(1), default=8, show_default=True,
+              envvar="CONVNET_THREADS", help="Threads per worker ($CONVNET_THREADS).")
 @click.option("--batch-max-size", type=click.IntRange(1), default=None,
               help="Images per inference call when concurrent requests are batched; 1 = off. "
                    "[default: 64]")
 @click.option("--batch-delay-ms", type=click.FloatRange(0), default=None,
               help="Milliseconds a forming batch may wait for requests being decoded. "
                    "[default: 2]")
+@click.option("--feedback-db", default=None,
+              help="Where feedback is stored: a SQLite file or a postgresql:// URL; '' = off. "
+                   "[default: $CONVNET_FEEDBACK_DB or feedback.sqlite3]")
+@click.option("--precision", type=click.Choice(["float", "int8"]), default=None,
+              help="int8: serve model.int8.onnx (from `convnet export --quantize int8`); a "
+                   "version without one is refused. [default: $CONVNET_PRECISION or float]")
 @_fail_clearly
-def serve(model_dir, host, port, workers, threads, batch_max_size, batch_delay_ms):
+def serve(model_dir, host, port, workers, threads, batch_max_size, batch_delay_ms, feedback_db,
+          precision):
     """Serve the model over HTTP with gunicorn (web page, REST, TF Serving and V2 APIs)."""
     from convnet.serve.server import run
 
+    config = {} if feedback_db is None else {"FEEDBACK_DB": feedback_db}
     run(model=model_dir, host=host, port=port, workers=workers, threads=threads,
-        batch_max_size=batch_max_size, batch_delay_ms=batch_delay_ms)
+        batch_max_size=batch_max_size, batch_delay_ms=batch_delay_ms, precision=precision,
+        config=config)
+
+
+@main.group()
+def feedback() -> None:
+    """Feedback people gave on predictions (the server's /api/v1/feedback and page forms)."""
+
+
+@feedback.command("export")
+@click.option("--db", required=True,
+              help="The server's FEEDBACK_DB: a SQLite file or a postgresql:// URL.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write (<class>/<id>.<ext> and manifest.json); an earlier export "
+                   "there is replaced.")
+@_fail_clearly
+def feedback_export(db, out):
+    """Write the stored feedback as an image-folder dataset, for `convnet train --extra`."""
+    from convnet.feedback.export import export_dataset
+
+    manifest = export_dataset(db, out)
+    click.echo(f"wrote {manifest['count']} images in {len(manifest['classes'])} classes to {out}"
+               + (f" (skipped {manifest['skipped']})" if manifest["skipped"] else ""))
+
+
+KEYS_FILE = click.option(
+    "--file", "keys_file", required=True, envvar="CONVNET_API_KEYS_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The keys file the server reads. [default: $CONVNET_API_KEYS_FILE]")
+
+
+@main.group()
+def keys() -> None:
+    """API keys: a server whose CONVNET_API_KEYS_FILE names a keys file asks every client for
+    one (see README, "API keys, rate limits and access logs")."""
+
+
+@keys.command("create")
+@KEYS_FILE
+@click.option("--name", default=None, help="Name in logs and `keys list` (letters, digits, ._-). "
+              "[default: key-N]")
+@click.option("--rate-limit", default=None,
+              help="This key's limit, e.g. '100/minute'. [default: the server's RATE_LIMIT]")
+@_fail_clearly
+def keys_create(keys_file, name, rate_limit):
+    """Add a key to the file (created, mode 0600, if missing) and print it, once: only its hash
+    is stored. A running server accepts it at once."""
+    from convnet.keys import create_key
+
+    key, record = create_key(keys_file, name, rate_limit)
+    click.echo(f"created key {record.name!r} in {keys_file}; it is shown only now:", err=True)
+    click.echo(key)
+
+
+@keys.command("list")
+@KEYS_FILE
+@_fail_clearly
+def keys_list(keys_file):
+    """Names, creation times and limits of the keys in the file (never the keys)."""
+    from convnet.keys import read_keys
+
+    for record in read_keys(keys_file):
+        click.echo(f"{record.name}\t{record.created}\t{record.rate_limit or '-'}")
+
+
+@keys.command("revoke")
+@KEYS_FILE
+@click.argument("name")
+@_fail_clearly
+def keys_revoke(keys_file, name):
+    """Remove the key NAME from the file; a running server refuses it from its next request."""
+    from convnet.keys import revoke_key
+
+    revoke_key(keys_file, name)
+    click.echo(f"revoked key {name!r}")

@@ -1,7 +1,8 @@
 """Export a Keras model to the formats servers load: ONNX (ours) and SavedModel (TF Serving).
 
 Both take raw uint8 pixels [N, S, S, 3], S being the Keras model's fixed input size (32 for
-CIFAR-10), and return class probabilities [N, C]. Needs the
+CIFAR-10), and return class probabilities [N, C]; exported from a calibrated version, both return
+softmax(logits / T) and the raw `logits` [N, C] too (convnet.calibrate). Needs the
 `train` extra (TensorFlow, Keras, tf2onnx). An ONNX file is written only after it agrees with Keras,
 and `export_version` never modifies a published version: it publishes the export as the next one.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convnet import modeldir
+from convnet import calibrate, modeldir
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
@@ -95,24 +96,53 @@ def export_onnx(model, path: str | os.PathLike, *, check_images: np.ndarray | No
     return diff
 
 
-def export_saved_model(model, directory: str | os.PathLike) -> Path:
+def logits_model(model):
+    """The network before its final softmax: `model`'s input -> logits [N, C]. The softmax is a
+    Softmax layer (models.with_softmax) or a layer's softmax activation (Dense(activation=...)),
+    which is rebuilt without it, with the same weights. ExportError for any other head."""
+    import keras
+
+    last = model.layers[-1]
+    if last.output is not model.output:
+        raise ExportError("cannot export a calibrated model: its output is not its last layer's")
+    if isinstance(last, keras.layers.Softmax) and last.axis in (-1, 1):
+        return keras.Model(model.input, last.input, name=f"{model.name}_logits")
+    if getattr(last, "activation", None) is keras.activations.softmax:
+        head = type(last).from_config({**last.get_config(), "activation": "linear",
+                                       "name": f"{last.name}_logits"})
+        logits = head(last.input)
+        head.set_weights(last.get_weights())
+        return keras.Model(model.input, logits, name=f"{model.name}_logits")
+    raise ExportError(f"cannot export a calibrated model: its last layer {last.name!r} is not a "
+                      "softmax, so there are no logits to scale")
+
+
+def export_saved_model(model, directory: str | os.PathLike, *,
+                       temperature: float | None = None) -> Path:
     """Write a TensorFlow SavedModel whose `serving_default` signature takes uint8
     [N, S, S, 3] `pixels` and returns `probabilities`: what TF Serving loads from
-    `<root>/<version>/`. Files are staged in a temporary folder and moved in at the end."""
+    `<root>/<version>/`. Given a calibration temperature T, `probabilities` are
+    softmax(logits / T) and the raw `logits` are a second output, as in a calibrated
+    model.onnx. Files are staged in a temporary folder and moved in at the end."""
     import tensorflow as tf
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
 
     size = _input_size(model)
+    network = model if temperature is None else logits_model(model)
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8,
                                                 name=INPUT_NAME)])
     def serve(pixels):
-        return {OUTPUT_NAME: model(pixels, training=False)}
+        if temperature is None:
+            return {OUTPUT_NAME: network(pixels, training=False)}
+        logits = tf.cast(network(pixels, training=False), tf.float32)  # (N, C)
+        return {OUTPUT_NAME: tf.nn.softmax(logits / temperature, axis=-1),
+                calibrate.LOGITS_OUTPUT: logits}
 
     module = tf.Module()
-    module.model = model
+    module.model = network  # the variables the signature reads
     module.serve = serve
     staged = Path(tempfile.mkdtemp(dir=directory, prefix=".saved_model-"))
     try:
@@ -136,27 +166,37 @@ def _inside_published_version(path: Path) -> Path | None:
     return None
 
 
-def _write(model, fmt: str, target: Path) -> float | None:
-    """Export into `target` (a file for ONNX, a folder for SavedModel); the ONNX check's
-    difference, or None."""
-    if fmt == "onnx":
-        return export_onnx(model, target)
-    export_saved_model(model, target)
-    return None
+def _write(model, fmt: str, target: Path, temperature: float | None) -> float | None:
+    """Export into `target` (a file for ONNX, a folder for SavedModel), calibrated by
+    `temperature` if given; the ONNX check's difference, or None."""
+    if fmt == "saved_model":
+        export_saved_model(model, target, temperature=temperature)
+        return None
+    diff = export_onnx(model, target)
+    if temperature is not None:  # checked uncalibrated against Keras, then T goes in
+        modeldir.write_bytes_atomic(
+            target, calibrate.with_logits_output(target.read_bytes(), temperature))
+    return diff
 
 
 def export_version(model_dir: str | os.PathLike | None, fmt: str,
-                   out: str | os.PathLike | None = None) -> Path:
+                   out: str | os.PathLike | None = None, *,
+                   int8_data: str | os.PathLike | None = None) -> Path:
     """Export a version folder's model.keras as `fmt` ("onnx" or "saved_model"); return what was
     written. A published version is never changed: without `out`, the export goes into a copy
     of the version published as the root's next version (where servers polling the root pick
-    it up whole); an `out` inside a published version is refused."""
+    it up whole); an `out` inside a published version is refused.
+
+    int8_data: a dataset whose training images calibrate a statically quantized copy,
+    model.int8.onnx beside model.onnx (`convnet.quantize`; ONNX only)."""
     import keras
 
     import convnet.models  # noqa: F401  registers custom objects for loading
 
     if fmt not in ("onnx", "saved_model"):
         raise ExportError(f"unknown format {fmt!r}: onnx or saved_model")
+    if int8_data is not None and fmt != "onnx":
+        raise ExportError("int8 quantization needs --format onnx")
     vdir = modeldir.resolve_version(model_dir)
     source = vdir / modeldir.KERAS_FILE
     if not source.is_file():
@@ -167,19 +207,36 @@ def export_version(model_dir: str | os.PathLike | None, fmt: str,
                           f"never modified; leave out --out to publish the export as the next "
                           f"version, or write elsewhere")
     model = keras.models.load_model(source, compile=False)
-    modeldir.version_image_size(vdir, model.input_shape, modeldir.KERAS_FILE)  # or refuse
+    size = modeldir.version_image_size(vdir, model.input_shape, modeldir.KERAS_FILE)  # or refuse
+    # model.keras is the network as trained; a calibrated version's temperature goes back in.
+    temperature = _calibration_temperature(vdir)
+    calibration = _calibration_images(int8_data, size) if int8_data is not None else None
     if target is None and not vdir.name.isdigit():  # a lone folder, not a version a server polls
         target = vdir / modeldir.ONNX_FILE if fmt == "onnx" else vdir
     if target is not None:
-        _write(model, fmt, target)
+        _write(model, fmt, target, temperature)
+        if calibration is not None:
+            from convnet import quantize
+
+            if target == vdir / modeldir.ONNX_FILE:  # a lone folder: record it in metrics.json
+                quantize.add_int8(vdir, calibration,
+                                  source=f"{int8_data} (train, {len(calibration)} images)")
+            else:
+                modeldir.write_bytes_atomic(
+                    target.with_name(f"{target.stem}.int8.onnx"),
+                    quantize.quantize_model(target.read_bytes(), calibration))
         return target
     root = vdir.parent
     staged = modeldir.staging_dir(root)
     try:
         shutil.copytree(vdir, staged, dirs_exist_ok=True)
-        diff = _write(model, fmt, staged / modeldir.ONNX_FILE if fmt == "onnx" else staged)
-        if fmt == "onnx":
-            _keep_calibration(staged)
+        diff = _write(model, fmt, staged / modeldir.ONNX_FILE if fmt == "onnx" else staged,
+                      temperature)
+        if calibration is not None:
+            from convnet import quantize
+
+            quantize.add_int8(staged, calibration,
+                              source=f"{int8_data} (train, {len(calibration)} images)")
         metrics = modeldir.load_metrics(staged)
         metrics["exported_from"] = int(vdir.name)
         if diff is not None:
@@ -192,15 +249,28 @@ def export_version(model_dir: str | os.PathLike | None, fmt: str,
     return published / modeldir.ONNX_FILE if fmt == "onnx" else published
 
 
-def _keep_calibration(version_dir: Path) -> None:
-    """A calibrated version's temperature and logits output live in model.onnx only (model.keras
-    is the network as trained): put them back into a freshly exported model.onnx."""
-    from convnet import calibrate
+def _calibration_images(path: str | os.PathLike, size: int):
+    """A class-balanced sample of the dataset's training images at S = `size`, (N, S, S, 3)
+    uint8: what sets an int8 model's activation ranges."""
+    from convnet import data, quantize
+
+    train = data.load_dataset(path, size=size).get("train")
+    if train is None:
+        raise ExportError(f"{path} has no training images to calibrate the int8 model on")
+    return train.images[quantize.calibration_sample(train.labels)]
+
+
+def _calibration_temperature(version_dir: Path) -> float | None:
+    """The temperature in a calibrated version's calibration.json, or None when there is none.
+    A calibrated version's model.onnx has it, and its logits output, in the graph; model.keras
+    is the network as trained, so every export from it must put them back."""
     from convnet.calibration import CALIBRATION_FILE
 
     record = modeldir.read_json(version_dir / CALIBRATION_FILE, default={})
     temperature = record.get("temperature") if isinstance(record, dict) else None
-    if isinstance(temperature, int | float):
-        path = version_dir / modeldir.ONNX_FILE
-        modeldir.write_bytes_atomic(
-            path, calibrate.with_logits_output(path.read_bytes(), float(temperature)))
+    if not isinstance(temperature, int | float) or isinstance(temperature, bool):
+        return None
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ExportError(f"{version_dir / CALIBRATION_FILE} has temperature {temperature}; "
+                          "it must be a positive number")
+    return float(temperature)

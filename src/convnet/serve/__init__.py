@@ -28,11 +28,26 @@ DEFAULTS: dict[str, object] = {
     "MAX_EXPLAIN_IMAGES": 8,  # images per request with explain=1 (49 extra model runs each)
     "RELOAD_INTERVAL": 2.0,  # seconds between polls of the model root for new versions; 0 = off
     "INFERENCE_THREADS": 1,  # ONNX Runtime threads per worker; 0 = one per core
+    # "float" serves model.onnx; "int8" each version's model.int8.onnx (`convnet export
+    # --quantize int8`), refusing versions without one. Speed, accuracy: bench/results/quantize.md
+    "PRECISION": "float",
     # Micro-batching (convnet.serve.batching): concurrent requests in a worker share inference
     # calls of up to BATCH_MAX_SIZE images; 1 = off, each request runs alone.
     "BATCH_MAX_SIZE": 64,  # images per inference call, at most
     "BATCH_MAX_DELAY_MS": 2.0,  # ms a forming batch may wait for requests still being decoded
     "CORS_ORIGINS": [],  # origins allowed to call us from a browser; ["*"] = any; [] = CORS off
+    # Feedback (convnet.serve.feedback): a SQLite file path, or a postgresql:// URL shared by
+    # replicas; "" turns feedback off. Opened at the first feedback, not at start.
+    "FEEDBACK_DB": "feedback.sqlite3",
+    "FEEDBACK_MAX_ITEMS": 10_000,  # items the store may hold; more get 507
+    "FEEDBACK_MAX_IMAGE_BYTES": 2 * 1024 * 1024,  # bytes of one feedback image; more get 413
+    "FEEDBACK_KEEP_SECONDS": 3600.0,  # how long predict?keep=1 keeps an image for feedback
+    "FEEDBACK_MAX_KEPT": 1000,  # images kept at once by predict?keep=1
+    # API keys, limits and access logs (convnet.serve.auth, .ratelimit, .accesslog):
+    "API_KEYS_FILE": None,  # file of key hashes (`convnet keys create`); None = keys off
+    "RATE_LIMIT": "",  # per key (per address with keys off), e.g. "100/minute"; "" = none
+    "RATE_LIMIT_STORAGE": "memory://",  # counters: per process; `convnet serve` shares a file
+    "ACCESS_LOG": "-",  # JSON lines: "-" = stderr, a file path, or "" = off
 }
 
 
@@ -44,16 +59,22 @@ def _normalise(config) -> None:
     config["CORS_ORIGINS"] = [o for o in origins or [] if o]
     model_dir = config["MODEL_DIR"]  # CONVNET_MODEL_DIR=7 arrives as the JSON number 7
     config["MODEL_DIR"] = str(model_dir) if model_dir not in (None, "") else None
+    if config["PRECISION"] not in ("float", "int8"):
+        raise ValueError(f"PRECISION must be float or int8, not {config['PRECISION']!r}")
+    config["FEEDBACK_DB"] = str(config["FEEDBACK_DB"] or "")
+    for key in ("API_KEYS_FILE", "RATE_LIMIT", "ACCESS_LOG"):  # None/"" = off
+        config[key] = str(config[key]) if config[key] not in (None, "") else ""
     if config["DECODE_BUDGET_PIXELS"] in (None, ""):
         config["DECODE_BUDGET_PIXELS"] = config["MAX_IMAGE_PIXELS"]
     for key in ("MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS", "DECODE_BUDGET_PIXELS",
                 "MAX_IMAGES_PER_REQUEST", "MAX_EXPLAIN_IMAGES", "INFERENCE_THREADS",
-                "BATCH_MAX_SIZE"):
+                "BATCH_MAX_SIZE", "FEEDBACK_MAX_ITEMS", "FEEDBACK_MAX_IMAGE_BYTES",
+                "FEEDBACK_MAX_KEPT"):
         config[key] = int(config[key])
     if config["DECODE_BUDGET_PIXELS"] < config["MAX_IMAGE_PIXELS"]:
         # Else an image within the per-image limit could never be decoded, even by an idle worker.
         raise ValueError("DECODE_BUDGET_PIXELS must be at least MAX_IMAGE_PIXELS")
-    for key in ("RELOAD_INTERVAL", "BATCH_MAX_DELAY_MS"):
+    for key in ("RELOAD_INTERVAL", "BATCH_MAX_DELAY_MS", "FEEDBACK_KEEP_SECONDS"):
         config[key] = float(config[key])
     if config["BATCH_MAX_SIZE"] < 1 or config["BATCH_MAX_DELAY_MS"] < 0:
         raise ValueError("BATCH_MAX_SIZE must be at least 1 and BATCH_MAX_DELAY_MS at least 0")
@@ -71,12 +92,16 @@ def create_app(config: dict | None = None) -> Flask:
     # Imported here rather than at the top: `convnet.serve.server` is a submodule, so importing it
     # runs this file first, and it must set PROMETHEUS_MULTIPROC_DIR before prometheus_client is
     # imported (the client picks its storage once, at import).
-    from convnet.serve import api, cors, modelpage, ops, pipeline, tfserving, v2, web
+    from convnet.feedback.store import FeedbackStore
+    from convnet.serve import api, cors, feedback, modelpage, ops, pipeline, tfserving, v2, web
+    from convnet.serve.accesslog import install_access_log
+    from convnet.serve.auth import install_api_keys
     from convnet.serve.batching import ModelBatchers
     from convnet.serve.decode import DecodeBudget
     from convnet.serve.errors import register_error_handlers
     from convnet.serve.holder import ModelHolder
     from convnet.serve.metrics import ServeMetrics
+    from convnet.serve.ratelimit import install_rate_limits
     from convnet.serve.uploads import refuse_oversized_body
 
     # app.logger is the "convnet.serve" logger, parent of every module logger here. Flask gives
@@ -99,6 +124,7 @@ def create_app(config: dict | None = None) -> Flask:
         app.config["MODEL_DIR"],
         reload_interval=app.config["RELOAD_INTERVAL"],
         inference_threads=app.config["INFERENCE_THREADS"],
+        precision=app.config["PRECISION"],
         on_load=loaded,
         on_refuse=metrics.model_refused,
     )
@@ -107,14 +133,20 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["convnet.batchers"] = batchers
     app.extensions["convnet.decode_budget"] = DecodeBudget(
         app.config["DECODE_BUDGET_PIXELS"], on_refuse=metrics.decode_refusals.inc)
+    app.extensions["convnet.feedback"] = (
+        FeedbackStore(app.config["FEEDBACK_DB"], app.config["FEEDBACK_MAX_ITEMS"])
+        if app.config["FEEDBACK_DB"] else None)
     holder.load_initial()  # now, so the first request does not pay for it
     holder.start()
 
     ops.install_request_metrics(app)  # first, so the timer also covers refused requests
+    install_access_log(app)  # next: refused requests get a request id and a log line too
     app.before_request(refuse_oversized_body)
+    install_api_keys(app)
+    install_rate_limits(app)  # after the key check: it finds whose budget a request spends
     app.teardown_request(pipeline.withdraw_arrival)
     register_error_handlers(app)
     cors.install(app)
-    for module in (web, modelpage, api, tfserving, v2, ops):
+    for module in (web, modelpage, api, feedback, tfserving, v2, ops):
         app.register_blueprint(module.bp)
     return app

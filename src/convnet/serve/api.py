@@ -5,7 +5,9 @@ Accepts one or many images as multipart `file` fields, one image as a raw `image
 
     curl -F file=@cat.jpg 'http://127.0.0.1:8000/api/v1/predict?top_k=3'
 
-`?explain=1` adds to each answer the pixels that drove it (convnet.serve.explain).
+`?explain=1` adds to each answer the pixels that drove it (convnet.serve.explain); `?keep=1` keeps
+the images for a while and gives each answer a `prediction_id` that feedback can name
+(convnet.serve.feedback).
 """
 
 from __future__ import annotations
@@ -15,13 +17,12 @@ from flask import Blueprint, request
 from convnet.serve.decode import b64_to_bytes, check_count, decode_images
 from convnet.serve.errors import ApiError
 from convnet.serve.explain import check_explain_count, explanations, parse_explain
+from convnet.serve.feedback import keep_predictions, parse_keep
 from convnet.serve.pipeline import get_model, infer_scored, max_images, max_parts
 from convnet.serve.postprocess import parse_top_k, predictions
-from convnet.serve.uploads import form_files, media_type, read_json_body
+from convnet.serve.uploads import UPLOAD_FIELD, form_files, media_type, read_json_body
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
-
-UPLOAD_FIELD = "file"
 
 
 def _multipart_blobs() -> list[bytes]:
@@ -68,6 +69,7 @@ def predict():
     model = get_model()
     k = parse_top_k(request.args.get("top_k"), model.num_classes)
     explain = parse_explain(request.args.get("explain"))
+    keep = parse_keep(request.args.get("keep"))
     blobs = request_blobs()
     if explain:
         check_explain_count(len(blobs))  # before decoding: the limit bounds the work
@@ -77,8 +79,7 @@ def predict():
     if explain:
         for answer, explanation in zip(answers, explanations(model, pixels, probs), strict=True):
             answer["explanation"] = explanation
-    return {
-        "model": model.name,
-        "version": model.version,
-        "predictions": answers,
-    }
+    body = {"model": model.name, "version": model.version, "predictions": answers}
+    if keep:
+        body.update(keep_predictions(model, blobs, answers))
+    return body

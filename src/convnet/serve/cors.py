@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from flask import Flask, current_app, request
 
-ALLOWED_HEADERS = "Content-Type"
+# Request headers a page on an allowed origin may send: API keys (convnet.serve.auth) and a
+# request id (convnet.serve.accesslog) besides the body's type.
+ALLOWED_HEADERS = "Content-Type, Authorization, X-API-Key, X-Request-Id"
+# Answer headers its script may read: when to retry, the request id to quote, the key's budget.
+EXPOSED_HEADERS = ("Retry-After, X-Request-Id, X-RateLimit-Limit, X-RateLimit-Remaining, "
+                   "X-RateLimit-Reset")
 PREFLIGHT_MAX_AGE = "600"  # seconds a browser may cache a preflight answer
 
 
@@ -21,6 +26,7 @@ def _add_cors_headers(response):
     if "*" not in origins and origin not in origins:
         return response
     response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
     if request.method == "OPTIONS":
         allowed = response.headers.get("Allow", "GET, POST, OPTIONS")
         response.headers["Access-Control-Allow-Methods"] = allowed

@@ -1,5 +1,6 @@
-"""Prometheus metrics for the server: requests, latency, batch sizes, model reloads and images
-refused because a worker's decode budget was full.
+"""Prometheus metrics for the server: requests, latency, batch sizes, model reloads, images
+refused because a worker's decode budget was full, feedback received and stored, and the memory
+each loaded model version holds.
 
 Each app gets its own registry, so tests can build many apps in one process. Under gunicorn,
 `convnet.serve.server` points PROMETHEUS_MULTIPROC_DIR at a fresh folder before any worker starts;
@@ -29,7 +30,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # images per inference call
 
 
 class ServeMetrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -53,6 +54,19 @@ class ServeMetrics:
             "Images refused with 503 because the worker's decode budget (DECODE_BUDGET_PIXELS) "
             "was full.", registry=r,
         )
+        self.feedback_received = Counter(
+            "convnet_feedback_received", "Feedback requests received, by door (api, page).",
+            ["source"], registry=r,
+        )
+        self.feedback_stored = Counter(
+            "convnet_feedback_stored", "Feedback items committed to the store, by door.",
+            ["source"], registry=r,
+        )
+        self.feedback_failures = Counter(
+            "convnet_feedback_store_failures",
+            "Feedback refused with 503 because the database was locked or unreachable.",
+            registry=r,
+        )
         self.reloads = Counter(
             "convnet_model_loads", "Model versions loaded or refused (summed over workers).",
             ["result"], registry=r,
@@ -66,10 +80,34 @@ class ServeMetrics:
             "convnet_model_refused_version", "Most recent version refused (0: none).",
             registry=r, multiprocess_mode="livemax",
         )
+        # "liveall" too: each worker opens its own session and measures its own growth (a
+        # worker's first load also pays for ONNX Runtime's own set-up), a dead worker's series
+        # goes, and sum by (version) is what the host holds. "max" would keep dead workers'.
+        self.model_memory = Gauge(
+            "convnet_model_memory_bytes",
+            "Resident memory a worker grew by loading a model version (ONNX Runtime session and "
+            "test inference, from /proc/self/statm; at least the .onnx file's size). Per worker; "
+            "a version replaced by a hot reload is removed (0 under gunicorn).",
+            ["model", "version", "precision"], registry=r, multiprocess_mode="liveall",
+        )
+        self._memory_labels: tuple[str, str, str] | None = None  # the version counted now
 
     def model_loaded(self, model: LoadedModel) -> None:
         self.reloads.labels("loaded").inc()
         self.model_version.set(model.version)
+        labels = (model.name, str(model.version), model.precision)
+        if self._memory_labels is not None and self._memory_labels != labels:
+            self._forget_memory(self._memory_labels)
+        self.model_memory.labels(*labels).set(model.memory_bytes)
+        self._memory_labels = labels
+
+    def _forget_memory(self, labels: tuple[str, str, str]) -> None:
+        """The replaced version's series: removed, or zeroed where remove() cannot reach it
+        (the multiprocess files outlive it; prometheus_client only warns)."""
+        if MULTIPROC_ENV in os.environ:
+            self.model_memory.labels(*labels).set(0)
+        else:
+            self.model_memory.remove(*labels)
 
     def model_refused(self, refusal: Refusal) -> None:
         self.reloads.labels("refused").inc()

@@ -10,7 +10,9 @@ log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +23,11 @@ import onnxruntime as ort
 from convnet.calibration import CALIBRATION_FILE, UnsureRule, unsure_scores
 from convnet.modeldir import (
     CONFIG_FILE,
+    INT8_FILE,
     LABELS_FILE,
     METRICS_FILE,
     ONNX_FILE,
+    PRECISION_FILES,
     ModelDirError,
     image_size,
     load_config,
@@ -61,7 +65,10 @@ class LoadedModel:
     input_size: int  # S: the model takes (N, S, S, 3) uint8 pixels; every door decodes to it
     unsure: UnsureRule | None = None  # from calibration.json; None: the model has no such rule
     calibration: dict | None = None  # calibration.json as read (temperature, ece, ...)
+    precision: str = "float"  # "int8": model.int8.onnx was loaded instead of model.onnx
     loaded_at: float = field(default_factory=time.time)  # Unix seconds
+    # Bytes this version costs the worker: see `load_model`. 0 until measured.
+    memory_bytes: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +112,17 @@ class LoadedModel:
         if self.unsure is None:
             return out, None
         return out[:, : self.num_classes], out[:, self.num_classes]
+
+
+def resident_bytes() -> int:
+    """This process's resident set size in bytes (Linux /proc/self/statm), or 0 where there is
+    no such file."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def _check_signature(session: ort.InferenceSession, records: dict,
@@ -151,16 +169,31 @@ def _test_inference(model: LoadedModel) -> None:
         )
 
 
-def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
+def load_model(version_dir: Path, *, inference_threads: int = 1,
+               precision: str = "float") -> LoadedModel:
     """Open and validate one version folder; raise LoadError with the reason if unusable.
 
     inference_threads: ONNX Runtime intra-op threads per session (0 = one per core). Gunicorn
     already runs several workers, each with its own session, so one thread each avoids
     oversubscribing the CPU for a network this small.
+    precision: "float" serves model.onnx, "int8" model.int8.onnx (a version without one is
+    refused: it is never silently served in float).
+
+    The model's `memory_bytes` is how much the process's resident memory grew from opening the
+    session to the end of its test inference (weights, graph, ONNX Runtime's buffers), but never
+    less than the ONNX file, whose weights the session keeps in memory: freed pages reused by
+    the session can hide growth, and other threads allocating meanwhile can add to it.
     """
     version_dir = Path(version_dir)
-    onnx_path = version_dir / ONNX_FILE
+    if precision not in PRECISION_FILES:
+        raise LoadError(f"unknown precision {precision!r}: {' or '.join(PRECISION_FILES)}",
+                        version_dir)
+    onnx_file = PRECISION_FILES[precision]
+    onnx_path = version_dir / onnx_file
     if not onnx_path.is_file():
+        if onnx_file == INT8_FILE:
+            raise LoadError(f"no {INT8_FILE}: this version has no int8 model (make one with "
+                            "`convnet export --quantize int8`, or serve in float)", version_dir)
         raise LoadError(f"no {ONNX_FILE}", version_dir)
     labels = _read(load_labels, LABELS_FILE, version_dir)
     metrics = _read(load_metrics, METRICS_FILE, version_dir)
@@ -168,6 +201,7 @@ def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
         raise LoadError(f"{METRICS_FILE} must hold a JSON object", version_dir)
     config = _read(load_config, CONFIG_FILE, version_dir)
 
+    resident_before = resident_bytes()
     options = ort.SessionOptions()
     options.intra_op_num_threads = inference_threads
     options.inter_op_num_threads = 1
@@ -177,7 +211,7 @@ def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
             str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
-        raise LoadError(f"ONNX Runtime cannot load {ONNX_FILE}", version_dir, exc) from None
+        raise LoadError(f"ONNX Runtime cannot load {onnx_file}", version_dir, exc) from None
 
     fixed_batch, size = _check_signature(
         session, {CONFIG_FILE: config, METRICS_FILE: metrics}, version_dir)
@@ -194,9 +228,11 @@ def load_model(version_dir: Path, *, inference_threads: int = 1) -> LoadedModel:
         input_size=size,
         unsure=rule,
         calibration=calibration,
+        precision=precision,
     )
     _test_inference(model)
-    return model
+    grown = resident_bytes() - resident_before
+    return dataclasses.replace(model, memory_bytes=max(grown, onnx_path.stat().st_size))
 
 
 def _read(load, name: str, version_dir: Path):

@@ -41,6 +41,11 @@ VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type":
            "description": "Model version (an integer); only the served version answers"}
 TOP_K = {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 5},
          "description": "Classes per image, most probable first (at most the number of classes)"}
+KEEP = {"name": "keep", "in": "query", "schema": {"type": "boolean", "default": False},
+        "description": "1 or true: keep the images (FEEDBACK_KEEP_SECONDS, in the feedback "
+                       "database) and give each answer a `prediction_id` for POST "
+                       "/api/v1/feedback. Predictions answer even when keeping fails: then "
+                       "`kept` is false and `kept_error` says why"}
 EXPLAIN = {"name": "explain", "in": "query", "schema": {"type": "boolean", "default": False},
            "description": "1 or true: add to each answer an `explanation`, which pixels drove its "
                           "top class (an occlusion map: 49 extra model runs per image). At most "
@@ -72,10 +77,11 @@ IMAGE_BODY = {
     JSON: {"schema": _ref("InstancesB64")},
 }
 
+B64_STRING = {"type": "string", "format": "byte",
+              "description": "base64 of a JPEG/PNG/GIF/BMP/WebP"}
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-    "B64": {"type": "object", "required": ["b64"], "properties": {"b64": {
-        "type": "string", "format": "byte", "description": "base64 of a JPEG/PNG/GIF/BMP/WebP"}}},
+    "B64": {"type": "object", "required": ["b64"], "properties": {"b64": B64_STRING}},
     "InstancesB64": {"type": "object", "required": ["instances"], "properties": {
         "instances": {"type": "array", "items": _ref("B64")}}},
     "TopK": {"type": "object", "properties": {"label": {"type": "string"},
@@ -110,7 +116,11 @@ SCHEMAS = {
                            "validation images that looked more familiar; unsure below the "
                            "rule's flag rate (0.05)"},
             "top_k": {"type": "array", "items": _ref("TopK")},
-            "explanation": _ref("Explanation")}}}}},
+            "explanation": _ref("Explanation"),
+            "prediction_id": {"type": "string", "description": "with keep=1: names this "
+                              "image in POST /api/v1/feedback"}}}},
+        "kept": {"type": "boolean", "description": "with keep=1: whether the images were kept"},
+        "kept_error": {"type": "string", "description": "with keep=1, when not kept: why"}}},
     "TFPredictRequest": {"type": "object", "description": "`instances` or `inputs`, not both",
                          "properties": {
                              "signature_name": {"type": "string"},
@@ -142,17 +152,57 @@ SCHEMAS = {
     "V2InferRequest": {"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string"},
         "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": _ref("V2Tensor")},
+        "parameters": {"type": "object", "properties": {"binary_data_output": {
+            "type": "boolean", "default": False,
+            "description": "answer every output as raw bytes after the JSON (see the "
+                           "octet-stream body)"}}},
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
-            "name": {"type": "string", "enum": ["probabilities"]}}}}}},
+            "name": {"type": "string", "enum": ["probabilities"]},
+            "parameters": {"type": "object", "properties": {"binary_data": {
+                "type": "boolean", "description": "this output as raw bytes after the JSON; "
+                "overrides binary_data_output"}}}}}}}},
     "V2InferResponse": {"type": "object", "properties": {
         "model_name": {"type": "string"}, "model_version": {"type": "string"},
         "id": {"type": "string"}, "outputs": {"type": "array", "items": _ref("V2Tensor")}}},
+    "FeedbackResponse": {"type": "object", "properties": {
+        "id": {"type": "integer", "description": "the item's id in the store"},
+        "label": {"type": "string"}, "predicted": {"type": "string", "nullable": True},
+        "correct": {"type": "boolean", "nullable": True,
+                    "description": "predicted == label; null without `predicted`"},
+        "model": {"type": "string"}, "version": {"type": "integer"}}},
     "V2ModelMetadata": {"type": "object", "properties": {
         "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
         "platform": {"type": "string"},
         "inputs": {"type": "array", "items": {"type": "object"}},
         "outputs": {"type": "array", "items": {"type": "object"}}}},
 }
+
+V2_HEADER_LENGTH = "Inference-Header-Content-Length"
+V2_BINARY = {"schema": {"type": "string", "format": "binary", "description": (
+    "KServe V2's binary tensor data extension, what tritonclient sends by default: the JSON "
+    "request (V2InferRequest) in the first Inference-Header-Content-Length bytes, then the raw "
+    "bytes of each input whose parameters.binary_data_size replaces data, in input order: "
+    "row-major, little-endian; BYTES elements each after a 4-byte little-endian length (the "
+    "image files themselves, not base64). Sizes that do not match shape x datatype, missing or "
+    "trailing bytes get a 400")}}
+V2_HEADER = {"name": V2_HEADER_LENGTH, "in": "header", "schema": {"type": "integer", "minimum": 0},
+             "description": "bytes of JSON at the start of a binary request body"}
+
+
+def _v2_infer(params: list) -> dict:
+    """V2 inference: JSON, or JSON followed by raw tensor bytes, both ways."""
+    item = _post("V2 inference", {JSON: {"schema": _ref("V2InferRequest")},
+                                  "application/octet-stream": V2_BINARY},
+                 _ref("V2InferResponse"), "v2", [*params, V2_HEADER])
+    ok = item["post"]["responses"]["200"]
+    ok["content"]["application/octet-stream"] = {"schema": {
+        "type": "string", "format": "binary", "description": "when binary output was asked "
+        "for: the JSON answer (V2InferResponse, outputs with parameters.binary_data_size "
+        "instead of data) in the first Inference-Header-Content-Length bytes, then the "
+        "outputs' raw bytes (probabilities: FP32 little-endian, row-major)"}}
+    ok["headers"] = {V2_HEADER_LENGTH: {"schema": {"type": "integer"}, "description":
+                                        "bytes of JSON at the start of a binary answer"}}
+    return item
 
 
 def _sized(size: int | None) -> dict:
@@ -165,15 +215,103 @@ def _sized(size: int | None) -> dict:
                    **side, "items": {"type": "array", **side, "items": {
                        "type": "array", "minItems": 3, "maxItems": 3, "items": {
                            "type": "integer", "minimum": 0, "maximum": 255}}}},
-        "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype", "data"],
+        "V2Tensor": {"type": "object", "required": ["name", "shape", "datatype"],
+                     "description": "data, or parameters.binary_data_size when its bytes "
+                                    "follow the JSON (binary tensor data extension)",
                      "properties": {
                          "name": {"type": "string"},
                          "shape": {"type": "array", "items": {"type": "integer"},
                                    "description": f"[N, {s}, {s}, 3] for UINT8 and FP32 pixels"
                                                   f"{served}, [N] or [N, 1] for BYTES"},
                          "datatype": {"type": "string", "enum": ["UINT8", "FP32", "BYTES"]},
-                         "data": {"type": "array", "items": {}}}},
+                         "data": {"type": "array", "items": {}},
+                         "parameters": {"type": "object", "properties": {"binary_data_size": {
+                             "type": "integer", "minimum": 0,
+                             "description": "bytes of this tensor after the JSON"}}}}},
     }
+
+
+FEEDBACK_FIELDS = {
+    "label": {"type": "string", "description": "the class the image really is: one of the "
+              "served model's classes (else 400 naming them)"},
+    "predicted": {"type": "string", "description": "optional: what the model answered (one of "
+                  "its classes); stored, and `correct` in the answer compares it"},
+    "note": {"type": "string", "maxLength": 1000, "description": "optional free text"},
+}
+ONE_OF = "the image: exactly one of `{}` and `prediction_id`"
+REFERENCE = {"prediction_id": {"type": "string", "description": "instead of the image: the "
+                               "`prediction_id` predict?keep=1 answered (kept for "
+                               "FEEDBACK_KEEP_SECONDS, default 3600 s; one feedback each)"}}
+FEEDBACK_ERRORS = {
+    **ERRORS,
+    "404": _json(_ref("Error"), "Unknown, expired or answered prediction_id; or feedback is "
+                 "turned off (FEEDBACK_DB empty)"),
+    "413": _json(_ref("Error"), "Body over MAX_CONTENT_LENGTH, image over "
+                 "FEEDBACK_MAX_IMAGE_BYTES or MAX_IMAGE_PIXELS"),
+    "503": {**_json(_ref("Error"), "No model loaded, decode budget full, or the feedback "
+                    "database locked or unreachable (nothing was stored); with Retry-After"),
+            "headers": ERRORS["503"]["headers"]},
+    "507": _json(_ref("Error"), "The store holds FEEDBACK_MAX_ITEMS items; nothing was stored"),
+}
+FEEDBACK = {"post": {
+    "summary": "Say which class an image really is; stored for export and retraining",
+    "tags": ["api"],
+    "requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["label"], "description": ONE_OF.format("file"),
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "one image"},
+                           **REFERENCE, **FEEDBACK_FIELDS}}},
+        JSON: {"schema": {
+            "type": "object", "required": ["label"], "description": ONE_OF.format("b64"),
+            "properties": {"b64": B64_STRING, **REFERENCE, **FEEDBACK_FIELDS}}}}},
+    "responses": {"201": _json(_ref("FeedbackResponse"), "Stored (committed)"),
+                  **FEEDBACK_ERRORS}}}
+FEEDBACK_FORM = {"post": {
+    "summary": "A result's feedback form on the web page (no JavaScript needed)",
+    "tags": ["web"],
+    "requestBody": {"content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image", "verdict"], "properties": {
+            "image": {"type": "string", "description": "data:image/png;base64 URL of the "
+                      "image the model saw, as the result page embeds it"},
+            "verdict": {"type": "string", "enum": ["right", "wrong"], "description":
+                        "right: the image is `predicted`; wrong: it is `label`"},
+            **FEEDBACK_FIELDS}}}}},
+    "responses": {status: {"description": "HTML page"} for status in
+                  ("200", "400", "404", "413", "503", "507")}}}
+
+
+# API keys and rate limits (convnet.serve.auth, convnet.serve.ratelimit): required only when the
+# server has a keys file (CONVNET_API_KEYS_FILE); these routes are open to all either way.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/v2/health/live",
+                        "/v2/health/ready"})
+KEYS_ON = " Only when the server has API keys on (CONVNET_API_KEYS_FILE)."
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY, "
+               "a key from `convnet keys create`." + KEYS_ON + " Browsers may send it as HTTP "
+               "Basic auth instead (any user name, the key as password)."},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+               "description": "The same key in X-API-Key." + KEYS_ON},
+}
+AUTH_ERRORS = {
+    "401": {**_json(_ref("Error"), "No API key, or an unknown, revoked or malformed one"),
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"},
+                                             "description": 'Bearer realm="convnet"'}}},
+    "429": {**_json(_ref("Error"), "The key's rate limit (RATE_LIMIT, or its own) is spent"),
+            "headers": {"Retry-After": ERRORS["503"]["headers"]["Retry-After"],
+                        "X-RateLimit-Remaining": {"schema": {"type": "integer"}},
+                        "X-RateLimit-Reset": {"schema": {"type": "integer"},
+                                              "description": "Unix time the window ends"}}},
+}
+
+
+def _secured(paths: dict) -> dict:
+    """Every operation with the answers of keys and limits, or with no security requirement
+    for the routes open to all."""
+    return {path: {method: {**op, "security": []} if path in OPEN_PATHS
+                   else {**op, "responses": {**op["responses"], **AUTH_ERRORS}}
+                   for method, op in item.items()}
+            for path, item in paths.items()}
 
 
 def build_spec(model: LoadedModel | None = None) -> dict:
@@ -202,7 +340,10 @@ def build_spec(model: LoadedModel | None = None) -> dict:
             "tags": ["web"], "parameters": [NAME],
             "responses": {"200": html, "404": html, "503": html}}},
         "/api/v1/predict": _post("Classify one or more images (top-k per image, in order)",
-                                 IMAGE_BODY, _ref("PredictResponse"), "api", [TOP_K, EXPLAIN]),
+                                 IMAGE_BODY, _ref("PredictResponse"), "api",
+                                 [TOP_K, EXPLAIN, KEEP]),
+        "/api/v1/feedback": FEEDBACK,
+        "/feedback": FEEDBACK_FORM,
         "/healthz": _get("Liveness", obj, "ops"),
         "/readyz": _get("Readiness: served model and refused versions", obj, "ops",
                         extra={"503": _json(obj, "No model loaded")}),
@@ -231,15 +372,15 @@ def build_spec(model: LoadedModel | None = None) -> dict:
         "V2 model metadata", _ref("V2ModelMetadata"), "v2", p, ERRORS))
     _versioned(paths, v2_base, "/ready", lambda p: _get("V2 model readiness", obj, "v2", p,
                                                         ERRORS))
-    _versioned(paths, v2_base, "/infer", lambda p: _post(
-        "V2 inference", {JSON: {"schema": _ref("V2InferRequest")}}, _ref("V2InferResponse"),
-        "v2", p))
+    _versioned(paths, v2_base, "/infer", _v2_infer)
     return {
         "openapi": "3.0.3",
         "info": {"title": "convnet image classifier", "version": __version__,
                  "description": f"Classify {side + ' ' if side else ''}RGB images (any image "
                                 f"is centre-cropped and resized to {side or served}). Errors "
                                 "are always {\"error\": \"...\"}."},
-        "paths": paths,
-        "components": {"schemas": {**SCHEMAS, **_sized(size)}},
+        "paths": _secured(paths),
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "components": {"schemas": {**SCHEMAS, **_sized(size)},
+                       "securitySchemes": SECURITY_SCHEMES},
     }

@@ -9,6 +9,7 @@ from flask import Blueprint, Flask, Response, g, request
 
 from convnet.serve.openapi import build_spec
 from convnet.serve.pipeline import holder, metrics
+from convnet.serve.worker import STOPPING
 
 bp = Blueprint("ops", __name__)
 
@@ -30,10 +31,14 @@ def readyz():
         "refused": [{"version": r.version, "reason": r.reason, "at": r.at}
                     for r in sorted(h.refusals.values(), key=lambda r: r.version)],
     }
+    if STOPPING.is_set():  # SIGTERM arrived (serve/worker.py): send no more traffic here
+        body["ready"], body["reason"] = False, "shutting down"
+        return body, 503
     if model is None:
         body["reason"] = h.load_error
         return body, 503
-    body["model"] = {"name": model.name, "version": model.version, "loaded_at": model.loaded_at}
+    body["model"] = {"name": model.name, "version": model.version, "precision": model.precision,
+                     "loaded_at": model.loaded_at}
     return body
 
 

@@ -57,6 +57,7 @@ def get_model(name: str | None = None, version: int | None = None) -> LoadedMode
             f"the served version is {model.version}",
             404,
         )
+    g.convnet_served = model  # for the access log
     if request.method == "POST" and "convnet_arrival" not in g:
         # Every POST route that asks for the model runs it, after decoding its images.
         g.convnet_arrival = batchers().expect(model)
@@ -71,6 +72,7 @@ def infer(model: LoadedModel, pixels: np.ndarray) -> np.ndarray:
 
 def infer_scored(model: LoadedModel, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """As `infer`, plus each image's unsure score (None when the model has no unsure rule)."""
+    g.convnet_images = g.get("convnet_images", 0) + len(pixels)  # for the access log
     return model.split(batchers().run(model, pixels, g.pop("convnet_arrival", None)))
 
 

@@ -18,9 +18,16 @@ import tempfile
 
 from gunicorn.app.base import BaseApplication
 
-from convnet.modeldir import model_name, resolve_version, version_number
+from convnet.modeldir import (
+    PRECISION_FILES,
+    ModelDirError,
+    model_name,
+    resolve_version,
+    version_number,
+)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+KEYS_ENV, LIMITS_ENV = "CONVNET_API_KEYS_FILE", "CONVNET_RATE_LIMIT_STORAGE"
 # Gunicorn 24+ opens a control socket in ~/.gunicorn by default: shared by every server a user
 # starts (tests start several at once) and not needed by us.
 OPTIONAL_SETTINGS = {"control_socket_disable"}
@@ -51,6 +58,19 @@ def _forget_worker(server, worker) -> None:
     multiprocess.mark_process_dead(worker.pid)
 
 
+def _check_api_keys(config: dict) -> None:
+    """KeysFileError now, with the reason, if API keys are on and their file is unreadable, or
+    RATE_LIMIT is no limit."""
+    from convnet.keys import check_rate_limit, read_keys
+
+    path = config.get("API_KEYS_FILE") or os.environ.get(KEYS_ENV)
+    if path:
+        read_keys(path)
+    limit = config.get("RATE_LIMIT") or os.environ.get("CONVNET_RATE_LIMIT")
+    if limit:
+        check_rate_limit(str(limit))
+
+
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
@@ -67,12 +87,23 @@ def run(
     *,
     batch_max_size: int | None = None,  # images per inference call; 1 = no batching
     batch_delay_ms: float | None = None,  # ms a forming batch may wait (None: app defaults)
+    precision: str | None = None,  # "float" or "int8" (None: CONVNET_PRECISION, else float)
     config: dict | None = None,  # more app settings, e.g. {"RELOAD_INTERVAL": 0}
 ) -> None:
     """Serve `model` (a model root, a version folder, or None for the bundled model) until
     interrupted. Raises ModelDirError before starting anything if there is no model to serve."""
     version_dir = resolve_version(model)  # fail here, once, with the reason
+    _check_api_keys(config or {})  # likewise: else every worker would fail to boot
     app_config = dict(config or {})
+    if precision is not None:
+        app_config["PRECISION"] = precision
+    chosen = app_config.get("PRECISION") or os.environ.get("CONVNET_PRECISION") or "float"
+    if chosen not in PRECISION_FILES:
+        raise ModelDirError(f"unknown precision {chosen!r}: {' or '.join(PRECISION_FILES)}")
+    if chosen == "int8" and not (version_dir / PRECISION_FILES[chosen]).is_file():
+        raise ModelDirError(f"{version_dir} has no {PRECISION_FILES[chosen]}: no int8 model to "
+                            "serve (make one with `convnet export --quantize int8`, or serve in "
+                            "float)")
     if model is not None:
         app_config["MODEL_DIR"] = str(model)
     if batch_max_size is not None:
@@ -93,7 +124,9 @@ def run(
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
         "threads": threads,
-        "worker_class": "gthread",
+        # gthread, closing its listeners at once on SIGTERM so that no queued connection is
+        # reset (serve/worker.py)
+        "worker_class": "convnet.serve.worker.DrainingThreadWorker",
         "timeout": 60,  # seconds a worker may stay silent before it is restarted
         "graceful_timeout": 10,  # seconds to finish requests in flight on shutdown
         "keepalive": 5,  # seconds an idle keep-alive connection stays open
@@ -106,6 +139,12 @@ def run(
         logging.getLogger(__name__).warning(
             "prometheus_client was imported before run(): it has already chosen single-process "
             "storage, so /metrics will show only the answering worker's samples")
+    limits_dir = None
+    if "RATE_LIMIT_STORAGE" not in app_config and not os.environ.get(LIMITS_ENV):
+        # One counter file for all workers, so a rate limit holds across them (Flask-Limiter's
+        # memory:// counts per worker, letting through up to workers x the limit).
+        limits_dir = tempfile.mkdtemp(prefix="convnet-limits-")
+        app_config["RATE_LIMIT_STORAGE"] = f"sqlite://{limits_dir}/limits.sqlite3"
     master = os.getpid()
     previous = os.environ.get(MULTIPROC_ENV)
     metrics_dir = tempfile.mkdtemp(prefix="convnet-metrics-")
@@ -116,6 +155,8 @@ def run(
         # Workers are forked inside run() and leave through here too; only the master cleans up.
         if os.getpid() == master:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            if limits_dir is not None:
+                shutil.rmtree(limits_dir, ignore_errors=True)
             if previous is None:
                 os.environ.pop(MULTIPROC_ENV, None)
             else:

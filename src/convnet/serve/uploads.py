@@ -21,6 +21,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from convnet.serve.errors import ApiError
 
+UPLOAD_FIELD = "file"  # the multipart field images arrive in, for predictions and feedback
 DRAIN_CHUNK = 64 * 1024  # bytes read at a time when discarding an oversized body
 MAX_PART_HEADER = 4096  # bytes in one header line of a multipart part
 DRAIN_FACTOR = 4  # discard up to this many times MAX_CONTENT_LENGTH before replying 413
@@ -97,14 +98,19 @@ def read_json_body(accepted: tuple[str, ...] = JSON_COMPATIBLE_TYPES):
     kind = media_type()
     if kind not in accepted and not kind.endswith("+json"):
         raise ApiError(f"unsupported content type {kind!r}: send application/json", 415)
-    body = request.get_data(cache=False)
+    return parse_json_object(request.get_data(cache=False))
+
+
+def parse_json_object(body: bytes | memoryview, what: str = "request body") -> dict:
+    """`body` as a JSON object, or ApiError 400 naming `what` it is (the request body, or the
+    JSON header of a V2 binary request)."""
     if not body:
-        raise ApiError("empty request body: expected a JSON object")
+        raise ApiError(f"empty {what}: expected a JSON object")
     try:
         # Python's parser accepts NaN and Infinity, as TF Serving's does; tensors reject them later.
-        payload = json.loads(body)
+        payload = json.loads(bytes(body))
     except UnicodeDecodeError:
-        raise ApiError("request body is not UTF-8 text") from None
+        raise ApiError(f"{what} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ApiError(f"malformed JSON: {exc}") from None
     except RecursionError:

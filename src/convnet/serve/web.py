@@ -1,6 +1,7 @@
 """The web page: GET / shows the upload form and the model card; POST / is the same form without
 JavaScript, answered by the page with the results. With JavaScript, static/app.js takes over and
 calls /api/v1/predict per image instead (drag and drop, paste, previews, inline errors).
+POST /feedback is a result's "Right" / "Wrong, it is X" form (convnet.serve.feedback stores it).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from PIL import Image
 from werkzeug.exceptions import HTTPException
 
 from convnet.imaging import ImageError
-from convnet.serve.api import UPLOAD_FIELD
-from convnet.serve.decode import check_count, decode_upload
+from convnet.serve.decode import b64_to_bytes, check_count, decode_upload
 from convnet.serve.errors import ApiError, describe, extra_headers
 from convnet.serve.explain import (
     EXPLAIN_RUNS,
@@ -25,15 +25,25 @@ from convnet.serve.explain import (
     max_explain_images,
     parse_explain,
 )
+from convnet.serve.feedback import (
+    LABEL_FIELD,
+    MAX_FEEDBACK_PARTS,
+    NOTE_FIELD,
+    PREDICTED_FIELD,
+    save_feedback,
+    served_model,
+)
 from convnet.serve.model import LoadedModel
-from convnet.serve.pipeline import get_model, holder, infer_scored, max_images, max_parts
+from convnet.serve.pipeline import get_model, holder, infer_scored, max_images, max_parts, metrics
 from convnet.serve.postprocess import DEFAULT_TOP_K, top_k, unsure_fields
-from convnet.serve.uploads import files_named, form_parts, text_field
+from convnet.serve.uploads import UPLOAD_FIELD, files_named, form_parts, text_field
 
 log = logging.getLogger(__name__)
 bp = Blueprint("web", __name__)
 
 EXPLAIN_FIELD = "explain"  # the form's checkbox: show which pixels drove each answer
+IMAGE_FIELD, VERDICT_FIELD = "image", "verdict"  # a result's feedback form: its image, the button
+THUMBNAIL_PREFIX = "data:image/png;base64,"
 MAX_SHOWN_NAME = 80  # characters of a client's file name echoed back (escaped by Jinja)
 # The page echoes file names: a strict policy keeps any markup that slipped through inert.
 CONTENT_SECURITY_POLICY = (
@@ -44,7 +54,7 @@ CONTENT_SECURITY_POLICY = (
 
 
 def _page(results=None, error: str | None = None, status: int = 200, headers=None,
-          model: LoadedModel | None = None):
+          model: LoadedModel | None = None, notice: str | None = None):
     """The page, describing `model` (the one that answered the results), else the served one."""
     model = model or holder().current
     html = render_template(
@@ -53,6 +63,9 @@ def _page(results=None, error: str | None = None, status: int = 200, headers=Non
         load_error=holder().load_error,
         results=results or [],
         error=error,
+        notice=notice,
+        feedback=current_app.extensions.get("convnet.feedback") is not None,
+        feedback_max=current_app.config["FEEDBACK_MAX_IMAGE_BYTES"],
         max_mb=current_app.config["MAX_CONTENT_LENGTH"] / 1024 / 1024,
         max_images=max_images(),
         max_explain=max_explain_images(),
@@ -67,7 +80,7 @@ def _thumbnail(pixels: np.ndarray) -> str:
     client-side preview)."""
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return THUMBNAIL_PREFIX + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _shown_name(name: str | None, position: int) -> str:
@@ -116,6 +129,24 @@ def classify_form():
         return _page(results, model=model)
     statuses = {r["status"] for r in results}  # all failed: 413 if all were too big, else 400
     return _page(results, status=statuses.pop() if len(statuses) == 1 else 400, model=model)
+
+
+@bp.post("/feedback")
+def feedback_form():
+    """A result's "Right" / "Wrong, it is X" form. It carries the image the model saw (the
+    result's S x S PNG, base64): without JavaScript the page cannot send the upload again."""
+    metrics().feedback_received.labels("page").inc()
+    model = served_model()
+    parts = form_parts(MAX_FEEDBACK_PARTS)
+    image = text_field(parts, IMAGE_FIELD) or ""
+    blob = b64_to_bytes(image.removeprefix(THUMBNAIL_PREFIX), "the result's image")
+    predicted = text_field(parts, PREDICTED_FIELD)
+    right = text_field(parts, VERDICT_FIELD) == "right"
+    saved = save_feedback(model, blob, predicted if right else text_field(parts, LABEL_FIELD),
+                          predicted=predicted, note=text_field(parts, NOTE_FIELD),
+                          source="page")
+    return _page(model=model, notice=f"Thank you: saved as {saved['label']!r} "
+                                     f"(feedback #{saved['id']}).")
 
 
 @bp.errorhandler(ApiError)

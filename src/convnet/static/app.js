@@ -20,6 +20,10 @@
     const emptyHint = document.querySelector(".empty-hint");
     const api = form.dataset.api;
     const explainBox = document.getElementById("explain-input");
+    const feedbackApi = form.dataset.feedback; // absent when the server stores no feedback
+    const feedbackMax = Number(form.dataset.feedbackMax || 0); // bytes per feedback image
+    const classes = Array.from(document.querySelectorAll("#model-classes li"),
+      (item) => item.textContent);
     let inFlight = 0;
 
     function setBusy(busy, message) {
@@ -56,7 +60,7 @@
       card.append(img, body);
       results.prepend(card);
       if (emptyHint) emptyHint.hidden = true;
-      return { card, body, state, url };
+      return { card, body, state, url, file };
     }
 
     function showPrediction(view, prediction) {
@@ -88,7 +92,63 @@
       }
       view.body.append(list);
       if (prediction.explanation) view.body.append(explanationFigure(prediction.explanation));
+      if (feedbackApi && classes.length) view.body.append(feedbackForm(view.file, prediction.label));
       view.card.classList.remove("pending");
+    }
+
+    // "Right" / "Wrong, it is X": sends the image and the class to the feedback API.
+    function feedbackForm(file, predicted) {
+      const box = el("form", "feedback");
+      box.setAttribute("aria-label", "Feedback on " + (file.name || "pasted image"));
+      const right = el("button", "secondary", "Right");
+      right.type = "button";
+      const select = el("select");
+      for (const name of classes) select.append(new Option(name, name));
+      const label = el("label", "", "Wrong, it is ");
+      label.append(select);
+      const wrong = el("button", "secondary", "Send correction");
+      wrong.type = "button";
+      const said = el("p", "hint");
+      said.setAttribute("role", "status");
+      box.append(right, label, wrong, said);
+      async function send(name) {
+        right.disabled = wrong.disabled = true;
+        said.textContent = "Sending…";
+        try {
+          const body = new FormData();
+          body.append("file", await fitForFeedback(file), file.name || "pasted.png");
+          body.append("label", name);
+          body.append("predicted", predicted);
+          const response = await fetch(feedbackApi, { method: "POST", body });
+          const payload = await response.json().catch(() => null);
+          if (response.ok) {
+            said.textContent = "Thank you: saved as “" + payload.label + "”.";
+            return;
+          }
+          said.textContent = "Not saved (" + response.status + "): " +
+            (payload && payload.error ? payload.error : response.statusText);
+        } catch (err) {
+          said.textContent = "Not saved: " + err.message;
+        }
+        right.disabled = wrong.disabled = false;
+      }
+      right.addEventListener("click", () => send(predicted));
+      wrong.addEventListener("click", () => send(select.value));
+      return box;
+    }
+
+    // A file over the server's feedback limit is sent as a smaller JPEG (longest side 1024 px):
+    // the model sees far fewer pixels than that anyway.
+    async function fitForFeedback(file) {
+      if (!feedbackMax || file.size <= feedbackMax || !window.createImageBitmap) return file;
+      const bitmap = await createImageBitmap(file);
+      const scale = Math.min(1, 1024 / Math.max(bitmap.width, bitmap.height));
+      const canvas = document.createElement("canvas");
+      canvas.width = Math.round(bitmap.width * scale);
+      canvas.height = Math.round(bitmap.height * scale);
+      canvas.getContext("2d").drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+      return new Promise((resolve) => canvas.toBlob((blob) => resolve(blob || file),
+        "image/jpeg", 0.9));
     }
 
     // The image the model saw, tinted where blanking it lowered the answer's probability most.
