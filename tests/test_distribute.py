@@ -1,13 +1,16 @@
 """Other backends and data-parallel training, each in a fresh process (the backend and the
 device count are fixed when Keras and XLA start).
 
-JAX sees two CPU devices through XLA_FLAGS; TensorFlow gets two logical CPU devices."""
+JAX sees two CPU devices through XLA_FLAGS; TensorFlow gets two logical CPU devices. Multi-host
+training runs two `convnet train --distributed` processes on one machine, over loopback."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -88,3 +91,61 @@ def test_jax_backend_data_parallel_and_export_on_tensorflow(tmp_path):
     assert out.output.strip() == os.path.join(following, "model.onnx")
     assert os.path.exists(os.path.join(following, "model.onnx"))
     assert not os.path.exists(os.path.join(version, "model.onnx"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Two processes of one CPU device each against one process of two: the same global batch of
+# 32 over the same two-device mesh, so only the order of the sums may differ.
+WEIGHT_TOLERANCE = 1e-4
+
+
+@pytest.mark.slow
+def test_two_processes_over_loopback_train_as_one_process(tmp_path):
+    pytest.importorskip("jax")
+    from synthetic import tar_folder, write_image_folder
+
+    write_image_folder(tmp_path / "src", per_class=40, num_classes=3)
+    data = tar_folder(tmp_path / "src", tmp_path / "d.tar.gz", "d")
+    command = [sys.executable, "-m", "convnet", "train", "--data", str(data), "--preset",
+               "quick", "--epochs", "2", "--batch-size", "32", "--seed", "0", "--no-tta",
+               "--no-cache"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["KERAS_BACKEND"] = "jax"
+    cluster = {"CONVNET_COORDINATOR": f"127.0.0.1:{_free_port()}",
+               "CONVNET_NUM_PROCESSES": "2"}
+    started = time.time()
+    runs = [subprocess.Popen(command + ["--out", str(tmp_path / f"host{i}"), "--distributed"],
+                             env={**env, **cluster, "CONVNET_PROCESS_ID": str(i)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    runs.append(subprocess.Popen(
+        command + ["--out", str(tmp_path / "single"), "--data-parallel"],
+        env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [run.communicate(timeout=300) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    for run, (_, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, err[-3000:]
+    print(f"three runs in {time.time() - started:.0f} s")
+    assert "process 1: process 0 published" in outputs[1][0]
+    # Process 0 checkpoints and publishes; process 1 writes nothing.
+    assert (tmp_path / "host0" / "1" / "model.keras").is_file()
+    assert not (tmp_path / "host1").exists()
+    import keras
+
+    from convnet import models  # noqa: F401  (registers the custom layers)
+
+    multi = keras.models.load_model(tmp_path / "host0" / "1" / "model.keras", compile=False)
+    single = keras.models.load_model(tmp_path / "single" / "1" / "model.keras", compile=False)
+    diff = max(float(abs(a - b).max()) for a, b in zip(multi.get_weights(),
+                                                         single.get_weights(), strict=True))
+    print(f"largest weight difference {diff:.2e}")
+    assert diff < WEIGHT_TOLERANCE

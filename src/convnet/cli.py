@@ -155,6 +155,10 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
 @click.option("--data-parallel", is_flag=True,
               help="Split each batch over all local devices (JAX DataParallel / "
                    "TF MirroredStrategy).")
+@click.option("--distributed", is_flag=True,
+              help="One process per host (JAX backend): join the cluster named by "
+                   "CONVNET_COORDINATOR, CONVNET_NUM_PROCESSES and CONVNET_PROCESS_ID and split "
+                   "each batch over every host's devices; process 0 publishes.")
 @click.option("--loop", type=click.Choice(["auto", "fit", "device"]), default="auto",
               show_default=True,
               help="device: the whole run compiled on the device (JAX backend; the fast path "
@@ -174,8 +178,8 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
 @_fail_clearly
 def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr, seed, val_split,
           label_smoothing, translate, no_flip, augment, crop_scale, cutmix, class_weight, tta,
-          tensorboard, time_limit, data_parallel, loop, precision, resume, dry_run, no_cache,
-          extra):
+          tensorboard, time_limit, data_parallel, distributed, loop, precision, resume, dry_run,
+          no_cache, extra):
     """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics).
     Input size, augmentation, batch size and epochs default to what suits the data."""
     from convnet import data, sizing
@@ -215,11 +219,15 @@ def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr,
     _import_keras()
     from convnet import train as training
 
+    if distributed:
+        from convnet.train import multihost
+
+        multihost.initialize(multihost.cluster_from_env())
     cfg = training.TrainConfig(
         preset=preset, epochs=epochs, batch_size=batch_size, seed=seed, val_split=val_split,
         label_smoothing=label_smoothing, translate=translate, flip=not no_flip, tta=tta,
         data=str(data_path) + (f" + {extra}" if extra else ""), time_limit=time_limit,
-        data_parallel=data_parallel,
+        data_parallel=data_parallel or distributed,
         loop=loop, precision=precision, image_size=size, augment=augment,
         crop_scale=crop_scale, cutmix=cutmix, class_weight=class_weight,
     )
@@ -233,6 +241,9 @@ def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr,
                    f"continue with: convnet train --data {data_path} --out {out} --resume",
                    err=True)
         sys.exit(130)
+    if distributed and not multihost.is_writer():
+        click.echo(f"process {multihost.process_shard()[0]}: process 0 published {version}")
+        return
     metrics = json.loads((version / "metrics.json").read_text())
     click.echo(f"wrote {version}")
     if "accuracy" in metrics:

@@ -14,6 +14,7 @@ This module chooses the loop and runs it; the parts live beside it:
     batches.py     the fit loop's input pipeline (augmentation, tf.data)
     recipe.py      initialisation, optimiser, lookahead and stem-freezing callbacks
     fit_loop.py    model.fit with its callbacks, time limit and data parallelism
+    multihost.py   one process per host (--distributed): joining, batch slices, who publishes
     checkpoint.py  the per-epoch checkpoint that --resume continues from
     progress.py    what a run prints
     publish.py     export, scoring and metrics -> OUT/<next version>/
@@ -34,7 +35,7 @@ import numpy as np
 
 from convnet import models
 from convnet.data import Split
-from convnet.train import publish
+from convnet.train import multihost, publish
 from convnet.train.batches import Batches
 from convnet.train.checkpoint import CHECKPOINT_DIR
 from convnet.train.config import (
@@ -187,7 +188,13 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     if epochs != int(epochs):
         raise TrainError(f"--epochs {epochs}: fractional epochs need the device loop (JAX)")
     epochs = int(epochs)
-    batches = Batches(fit_split, cfg, len(classes), weights=weights)
+    process, processes = multihost.process_shard()
+    if processes > 1 and (resume or cfg.time_limit or not cfg.data_parallel):
+        # A time limit is judged by each process's own clock, so they could stop apart.
+        raise TrainError("multi-host training needs --data-parallel and works without "
+                         "--resume and --time-limit")
+    batches = Batches(fit_split, cfg, len(classes), weights=weights,
+                      shard=(process, processes))
     with data_parallel(cfg.data_parallel) as replicas:
         if replicas > 1 and batch_size % replicas:
             raise TrainError(f"--batch-size {batch_size} does not split evenly over "
@@ -196,11 +203,18 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
             cfg, batches, val_split, epochs, out / CHECKPOINT_DIR, stats, resume=resume,
             tensorboard=tensorboard, verbose=verbose, callbacks=callbacks)
     epochs = history[-1]["epoch"] + 1 if history else epochs  # the time limit may cut it
-    return publish.publish(model, cfg, out, classes, epochs=epochs,
-                           test_split=test_split or val_split, train_seconds=seconds,
-                           started=started, history=history, num_train=len(fit_split),
-                           replicas=replicas, facts=facts,
-                           calibration_split=val_split or test_split)
+    if processes > 1:
+        model = multihost.local_copy(model, cfg.preset)
+        if process != 0:  # process 0 publishes; wait for it and name its version
+            return out / str(multihost.share_version(0))
+    version = publish.publish(model, cfg, out, classes, epochs=epochs,
+                              test_split=test_split or val_split, train_seconds=seconds,
+                              started=started, history=history, num_train=len(fit_split),
+                              replicas=replicas, facts=facts,
+                              calibration_split=val_split or test_split)
+    if processes > 1:
+        multihost.share_version(int(version.name))
+    return version
 
 
 def _device_fit(cfg: TrainConfig, split: Split, batch_size: int, epochs: float,

@@ -26,7 +26,8 @@ class Batches(keras.utils.PyDataset):
 
     Each epoch's order and augmentation come from the seed and the epoch (and the batch), so a
     resumed run sees the same data as an uninterrupted one. `weights` (per class) adds each
-    image's loss weight to its batch.
+    image's loss weight to its batch. `shard` (i, n): keep the i-th of n equal slices of every
+    batch, for process i of n in multi-host training (train.multihost).
 
     Endless: batch i belongs to epoch first_epoch + i // steps_per_epoch, and fit() is given
     `steps_per_epoch`, so one iterator serves the whole run: with a finite sequence Keras makes
@@ -34,7 +35,7 @@ class Batches(keras.utils.PyDataset):
     CPU idle (quick preset, 2 cores; the cause is in `tf_dataset`)."""
 
     def __init__(self, split: Split, cfg: TrainConfig, num_classes: int, epoch: int = 0,
-                 weights: np.ndarray | None = None):
+                 weights: np.ndarray | None = None, shard: tuple[int, int] = (0, 1)):
         super().__init__()
         if not cfg.batch_size:
             raise ValueError("Batches needs cfg.batch_size (train() sets the preset's default)")
@@ -43,6 +44,7 @@ class Batches(keras.utils.PyDataset):
         self.translate: int = cfg.translate or 0
         self.split, self.cfg, self.num_classes = split, cfg, num_classes
         self.weights = weights
+        self.shard = shard
         self.steps_per_epoch = len(split) // self.batch_size  # drop the ragged last batch
         self.per_batch = cfg.augment == "photo"
         self.base = split.images
@@ -105,9 +107,12 @@ class Batches(keras.utils.PyDataset):
         y = np.eye(self.num_classes, dtype="float32")[labels]
         if self.per_batch:
             x, y = self._photo_batch(x, y, i)
-        if self.weights is not None:
-            return x, y, self.weights[labels]
-        return x, y
+        batch = (x, y) if self.weights is None else (x, y, self.weights[labels])
+        index, count = self.shard
+        if count == 1:
+            return batch
+        rows = slice(index * self.batch_size // count, (index + 1) * self.batch_size // count)
+        return tuple(part[rows] for part in batch)
 
     def crop_scale(self, epoch: int) -> float:
         """The smallest crop this epoch: cfg.crop_scale, moving linearly to cfg.crop_scale_end

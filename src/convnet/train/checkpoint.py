@@ -107,17 +107,21 @@ def restore(model: keras.Model, checkpoint: Checkpoint) -> None:
 
 class SaveEveryEpoch(keras.callbacks.Callback):
     """After every epoch: model, optimizer, lookahead average and the log so far, as one
-    checkpoint. `history` holds the rows of the epochs before this run (a resumed run's)."""
+    checkpoint. `history` holds the rows of the epochs before this run (a resumed run's).
+    `write` False keeps the log but writes nothing (the processes of multi-host training but
+    the first)."""
 
     def __init__(self, directory: Path, cfg: TrainConfig, history: Sequence[dict] = (),
-                 lookahead=None):
+                 lookahead=None, write: bool = True):
         super().__init__()
-        self.directory, self.cfg = directory, cfg
+        self.directory, self.cfg, self.write = directory, cfg, write
         self.history = list(history)
         self.lookahead = lookahead  # a recipe.Lookahead callback, or None
 
     def on_epoch_end(self, epoch, logs=None):
         self.history.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+        if not self.write:
+            return
         average = self.lookahead.average if self.lookahead is not None else None
         save(self.directory, self.model, epochs_done=epoch + 1, cfg=self.cfg,
              history=self.history, lookahead=average)

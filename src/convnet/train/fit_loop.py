@@ -13,7 +13,7 @@ import numpy as np
 
 from convnet.data import Split
 from convnet.models import PixelStats
-from convnet.train import checkpoint
+from convnet.train import checkpoint, multihost
 from convnet.train.batches import Batches
 from convnet.train.config import TrainConfig, TrainError
 from convnet.train.progress import EpochProgress
@@ -44,7 +44,8 @@ class TimeLimit(keras.callbacks.Callback):
 
 @contextlib.contextmanager
 def data_parallel(enabled: bool):
-    """Replicate the model on every local device and split each global batch between them:
+    """Replicate the model on every device (every host's after multihost.initialize; else the
+    local ones) and split each global batch between them:
     Keras's DataParallel distribution on JAX, MirroredStrategy on TensorFlow. Yields the
     number of replicas (1 when disabled)."""
     if not enabled:
@@ -53,7 +54,10 @@ def data_parallel(enabled: bool):
     backend = keras.backend.backend()
     if backend == "jax":
         devices = keras.distribution.list_devices()
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+        # Across hosts each process's Batches already yields its own slice (multihost.py).
+        single_host = multihost.process_shard()[1] == 1
+        keras.distribution.set_distribution(keras.distribution.DataParallel(
+            devices=devices, auto_shard_dataset=single_host))
         try:
             yield len(devices)
         finally:
@@ -91,7 +95,8 @@ def run_fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs:
         # the state) would ignore; on JAX the device loop does all of the recipe.
         lookahead = Lookahead(steps * epochs, steps, average=average)
         recipe = [lookahead, WhitenBiasEpochs()]
-    saver = checkpoint.SaveEveryEpoch(ckpt_dir, cfg, history, lookahead)
+    saver = checkpoint.SaveEveryEpoch(ckpt_dir, cfg, history, lookahead,
+                                      write=multihost.is_writer())
     # The saver runs before the caller's callbacks, so an interrupt raised from one of those
     # at the end of an epoch finds that epoch saved.
     used: list[keras.callbacks.Callback] = [saver, *callbacks, *recipe]
