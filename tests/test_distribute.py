@@ -135,7 +135,7 @@ def test_two_processes_over_loopback_train_as_one_process(tmp_path):
     for run, (_, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err[-3000:]
     print(f"three runs in {time.time() - started:.0f} s")
-    assert "process 1: process 0 published" in outputs[1][0]
+    assert "process 1: done; process 0 published version 1" in outputs[1][0]
     # Process 0 checkpoints and publishes; process 1 writes nothing.
     assert (tmp_path / "host0" / "1" / "model.keras").is_file()
     assert not (tmp_path / "host1").exists()

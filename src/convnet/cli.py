@@ -242,7 +242,8 @@ def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr,
                    err=True)
         sys.exit(130)
     if distributed and not multihost.is_writer():
-        click.echo(f"process {multihost.process_shard()[0]}: process 0 published {version}")
+        click.echo(f"process {multihost.process_shard()[0]}: done; process 0 published "
+                   f"version {version.name}")
         return
     metrics = json.loads((version / "metrics.json").read_text())
     click.echo(f"wrote {version}")

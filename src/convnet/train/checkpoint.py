@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from convnet import modeldir
+from convnet.train import multihost
 from convnet.train.config import TrainConfig, TrainError
 
 CHECKPOINT_DIR = ".checkpoint"  # inside the model root; hidden from version listing
@@ -123,5 +124,6 @@ class SaveEveryEpoch(keras.callbacks.Callback):
         if not self.write:
             return
         average = self.lookahead.average if self.lookahead is not None else None
-        save(self.directory, self.model, epochs_done=epoch + 1, cfg=self.cfg,
-             history=self.history, lookahead=average)
+        with multihost.saving_alone():
+            save(self.directory, self.model, epochs_done=epoch + 1, cfg=self.cfg,
+                 history=self.history, lookahead=average)

@@ -12,8 +12,9 @@ also tells them the version it published.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import keras
@@ -81,6 +82,22 @@ def process_shard() -> tuple[int, int]:
 def is_writer() -> bool:
     """Whether this process writes checkpoints and publishes (process 0)."""
     return process_shard()[0] == 0
+
+
+@contextlib.contextmanager
+def saving_alone() -> Iterator[None]:
+    """Lift the distribution while process 0 saves alone: model.save builds a throwaway
+    optimizer (saving_lib's attribute skip-set), whose variables a distribution spanning the
+    hosts would create collectively, waiting for processes that are not saving."""
+    if process_shard()[1] == 1:
+        yield
+        return
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(distribution)
 
 
 def share_version(version: int) -> int:
