@@ -5,7 +5,7 @@ Drives POST .../predict with real CIFAR-10 test JPEGs (32x32) and the same image
 a Markdown table (plus JSON) of requests/s, images/s, p50/p95/p99 latency and errors:
 
     onnx      ONNX Runtime alone, batches of 64 decoded images, one process: the ceiling
-    convnet   `convnet serve` (gunicorn, micro-batching), as shipped or with the options below
+    convnet   `convnet serve --precision float` (gunicorn, micro-batching), options below apply
     convnet-int8  the same with --precision int8 (model.int8.onnx; skipped if the version has none)
     baseline  bench/baseline_server.py: Flask's dev server, Keras model.predict per request
     bentoml   bench/bento_service.py: BentoML 1.4 with adaptive batching, in bench/.venv-bento
@@ -177,6 +177,8 @@ def make_targets(args, version_dir: Path, log_dir: Path) -> list[Target]:
             if name == "convnet-int8":
                 command += ["--precision", "int8"]
                 description += " (--precision int8: model.int8.onnx)"
+            else:  # the float model, whatever the server's default picks
+                command += ["--precision", "float"]
             targets.append(Target(name, description, "/api/v1/predict",
                                   "file", "/readyz", command, env, port))
         elif name == "baseline":

@@ -149,3 +149,34 @@ def test_two_processes_over_loopback_train_as_one_process(tmp_path):
                                                          single.get_weights(), strict=True))
     print(f"largest weight difference {diff:.2e}")
     assert diff < WEIGHT_TOLERANCE
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({}, "needs CONVNET_COORDINATOR, CONVNET_NUM_PROCESSES, CONVNET_PROCESS_ID"),
+    ({"CONVNET_COORDINATOR": "host0", "CONVNET_NUM_PROCESSES": "2", "CONVNET_PROCESS_ID": "0"},
+     "host:port"),
+    ({"CONVNET_COORDINATOR": "h:1", "CONVNET_NUM_PROCESSES": "two", "CONVNET_PROCESS_ID": "0"},
+     "must be integers"),
+    ({"CONVNET_COORDINATOR": "h:1", "CONVNET_NUM_PROCESSES": "2", "CONVNET_PROCESS_ID": "2"},
+     "must be in 0..CONVNET_NUM_PROCESSES-1"),
+])
+def test_distributed_refuses_an_incomplete_cluster(environ, message):
+    from convnet.train import TrainError, multihost
+
+    with pytest.raises(TrainError, match=message):
+        multihost.cluster_from_env(environ)
+
+
+def test_distributed_needs_the_jax_backend():
+    import keras
+
+    from convnet.train import TrainError, multihost
+
+    if keras.backend.backend() == "jax":
+        pytest.skip("this process runs on JAX")
+    cluster = multihost.cluster_from_env({"CONVNET_COORDINATOR": "h:1",
+                                          "CONVNET_NUM_PROCESSES": "2",
+                                          "CONVNET_PROCESS_ID": "1"})
+    assert cluster == multihost.Cluster("h:1", 2, 1)
+    with pytest.raises(TrainError, match="needs the JAX backend"):
+        multihost.initialize(cluster)

@@ -456,9 +456,10 @@ def audit_cmd(data_path, model_dir, label_features, near_bits, as_json, out):
 @click.option("--feedback-db", default=None,
               help="Where feedback is stored: a SQLite file or a postgresql:// URL; '' = off. "
                    "[default: $CONVNET_FEEDBACK_DB or feedback.sqlite3]")
-@click.option("--precision", type=click.Choice(["float", "int8"]), default=None,
-              help="int8: serve model.int8.onnx (from `convnet export --quantize int8`); a "
-                   "version without one is refused. [default: $CONVNET_PRECISION or float]")
+@click.option("--precision", type=click.Choice(["auto", "float", "int8"]), default=None,
+              help="int8: serve model.int8.onnx (from `convnet export --quantize int8`), a "
+                   "version without one is refused; float: model.onnx; auto: int8 where a "
+                   "version has one. [default: $CONVNET_PRECISION or auto]")
 @_fail_clearly
 def serve(model_dir, host, port, workers, threads, batch_max_size, batch_delay_ms, feedback_db,
           precision):

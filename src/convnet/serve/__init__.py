@@ -30,7 +30,7 @@ DEFAULTS: dict[str, object] = {
     "INFERENCE_THREADS": 1,  # ONNX Runtime threads per worker; 0 = one per core
     # "float" serves model.onnx; "int8" each version's model.int8.onnx (`convnet export
     # --quantize int8`), refusing versions without one. Speed, accuracy: bench/results/quantize.md
-    "PRECISION": "float",
+    "PRECISION": "auto",  # auto: model.int8.onnx where a version has one, else model.onnx
     # Micro-batching (convnet.serve.batching): concurrent requests in a worker share inference
     # calls of up to BATCH_MAX_SIZE images; 1 = off, each request runs alone.
     "BATCH_MAX_SIZE": 64,  # images per inference call, at most
@@ -59,8 +59,8 @@ def _normalise(config) -> None:
     config["CORS_ORIGINS"] = [o for o in origins or [] if o]
     model_dir = config["MODEL_DIR"]  # CONVNET_MODEL_DIR=7 arrives as the JSON number 7
     config["MODEL_DIR"] = str(model_dir) if model_dir not in (None, "") else None
-    if config["PRECISION"] not in ("float", "int8"):
-        raise ValueError(f"PRECISION must be float or int8, not {config['PRECISION']!r}")
+    if config["PRECISION"] not in ("auto", "float", "int8"):
+        raise ValueError(f"PRECISION must be auto, float or int8, not {config['PRECISION']!r}")
     config["FEEDBACK_DB"] = str(config["FEEDBACK_DB"] or "")
     for key in ("API_KEYS_FILE", "RATE_LIMIT", "ACCESS_LOG"):  # None/"" = off
         config[key] = str(config[key]) if config[key] not in (None, "") else ""

@@ -59,7 +59,7 @@ class ModelHolder:
         *,
         reload_interval: float = 2.0,  # seconds between polls; 0 disables reloading
         inference_threads: int = 1,
-        precision: str = "float",  # "int8": serve each version's model.int8.onnx
+        precision: str = "auto",  # "int8"/"float": that file; "auto": int8 where present
         on_load: Callable[[LoadedModel], None] | None = None,
         on_refuse: Callable[[Refusal], None] | None = None,
     ):

@@ -177,7 +177,8 @@ def load_model(version_dir: Path, *, inference_threads: int = 1,
     already runs several workers, each with its own session, so one thread each avoids
     oversubscribing the CPU for a network this small.
     precision: "float" serves model.onnx, "int8" model.int8.onnx (a version without one is
-    refused: it is never silently served in float).
+    refused: it is never silently served in float), "auto" the int8 model where the version
+    has one and model.onnx otherwise.
 
     The model's `memory_bytes` is how much the process's resident memory grew from opening the
     session to the end of its test inference (weights, graph, ONNX Runtime's buffers), but never
@@ -185,6 +186,8 @@ def load_model(version_dir: Path, *, inference_threads: int = 1,
     the session can hide growth, and other threads allocating meanwhile can add to it.
     """
     version_dir = Path(version_dir)
+    if precision == "auto":  # int8 where there is one: it holds float's accuracy (bench/quantize)
+        precision = "int8" if (version_dir / INT8_FILE).is_file() else "float"
     if precision not in PRECISION_FILES:
         raise LoadError(f"unknown precision {precision!r}: {' or '.join(PRECISION_FILES)}",
                         version_dir)

@@ -87,7 +87,7 @@ def run(
     *,
     batch_max_size: int | None = None,  # images per inference call; 1 = no batching
     batch_delay_ms: float | None = None,  # ms a forming batch may wait (None: app defaults)
-    precision: str | None = None,  # "float" or "int8" (None: CONVNET_PRECISION, else float)
+    precision: str | None = None,  # "auto", "float" or "int8" (None: CONVNET_PRECISION or auto)
     config: dict | None = None,  # more app settings, e.g. {"RELOAD_INTERVAL": 0}
 ) -> None:
     """Serve `model` (a model root, a version folder, or None for the bundled model) until
@@ -97,8 +97,8 @@ def run(
     app_config = dict(config or {})
     if precision is not None:
         app_config["PRECISION"] = precision
-    chosen = app_config.get("PRECISION") or os.environ.get("CONVNET_PRECISION") or "float"
-    if chosen not in PRECISION_FILES:
+    chosen = app_config.get("PRECISION") or os.environ.get("CONVNET_PRECISION") or "auto"
+    if chosen != "auto" and chosen not in PRECISION_FILES:
         raise ModelDirError(f"unknown precision {chosen!r}: {' or '.join(PRECISION_FILES)}")
     if chosen == "int8" and not (version_dir / PRECISION_FILES[chosen]).is_file():
         raise ModelDirError(f"{version_dir} has no {PRECISION_FILES[chosen]}: no int8 model to "
