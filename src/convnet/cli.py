@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from convnet.modeldir import PRECISIONS
+
 MODEL_HELP = ("Model root (highest version used), one version folder, or a bundled model's name "
               "(cifar10, flowers). Default: the bundled CIFAR-10 model.")
 
@@ -456,7 +458,7 @@ def audit_cmd(data_path, model_dir, label_features, near_bits, as_json, out):
 @click.option("--feedback-db", default=None,
               help="Where feedback is stored: a SQLite file or a postgresql:// URL; '' = off. "
                    "[default: $CONVNET_FEEDBACK_DB or feedback.sqlite3]")
-@click.option("--precision", type=click.Choice(["auto", "float", "int8"]), default=None,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="int8: serve model.int8.onnx (from `convnet export --quantize int8`), a "
                    "version without one is refused; float: model.onnx; auto: int8 where a "
                    "version has one. [default: $CONVNET_PRECISION or auto]")

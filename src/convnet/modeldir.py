@@ -31,6 +31,7 @@ from pathlib import Path
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"  # optional: the same network quantized (convnet.quantize)
 PRECISION_FILES = {"float": ONNX_FILE, "int8": INT8_FILE}  # what `convnet serve --precision` loads
+PRECISIONS = ("auto", *PRECISION_FILES)  # auto: the int8 file where a version has one
 KERAS_FILE = "model.keras"
 LABELS_FILE = "labels.json"
 METRICS_FILE = "metrics.json"

@@ -15,6 +15,7 @@ from pathlib import Path
 from flask import Flask
 
 from convnet.imaging import MAX_PIXELS
+from convnet.modeldir import PRECISIONS
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # src/convnet: templates/ and static/
 DEFAULTS: dict[str, object] = {
@@ -59,8 +60,9 @@ def _normalise(config) -> None:
     config["CORS_ORIGINS"] = [o for o in origins or [] if o]
     model_dir = config["MODEL_DIR"]  # CONVNET_MODEL_DIR=7 arrives as the JSON number 7
     config["MODEL_DIR"] = str(model_dir) if model_dir not in (None, "") else None
-    if config["PRECISION"] not in ("auto", "float", "int8"):
-        raise ValueError(f"PRECISION must be auto, float or int8, not {config['PRECISION']!r}")
+    if config["PRECISION"] not in PRECISIONS:
+        raise ValueError(f"PRECISION must be {', '.join(PRECISIONS)}, not "
+                         f"{config['PRECISION']!r}")
     config["FEEDBACK_DB"] = str(config["FEEDBACK_DB"] or "")
     for key in ("API_KEYS_FILE", "RATE_LIMIT", "ACCESS_LOG"):  # None/"" = off
         config[key] = str(config[key]) if config[key] not in (None, "") else ""

@@ -20,6 +20,7 @@ from gunicorn.app.base import BaseApplication
 
 from convnet.modeldir import (
     PRECISION_FILES,
+    PRECISIONS,
     ModelDirError,
     model_name,
     resolve_version,
@@ -98,8 +99,8 @@ def run(
     if precision is not None:
         app_config["PRECISION"] = precision
     chosen = app_config.get("PRECISION") or os.environ.get("CONVNET_PRECISION") or "auto"
-    if chosen != "auto" and chosen not in PRECISION_FILES:
-        raise ModelDirError(f"unknown precision {chosen!r}: {' or '.join(PRECISION_FILES)}")
+    if chosen not in PRECISIONS:
+        raise ModelDirError(f"unknown precision {chosen!r}: {', '.join(PRECISIONS)}")
     if chosen == "int8" and not (version_dir / PRECISION_FILES[chosen]).is_file():
         raise ModelDirError(f"{version_dir} has no {PRECISION_FILES[chosen]}: no int8 model to "
                             "serve (make one with `convnet export --quantize int8`, or serve in "
