@@ -177,14 +177,15 @@ def interrupt(process: subprocess.Popen, timeout: float = 20) -> None:
 class LiveServer:
     """`convnet.serve.server.run` in a subprocess on a free port; stop() returns its output."""
 
-    def __init__(self, model: Path, logs: Path, *, workers=2, threads=4, python_flags=(),
-                 config=None):
+    def __init__(self, model: Path | None, logs: Path, *, workers=2, threads=4, python_flags=(),
+                 config=None, model_config: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         code = (
             "from convnet.serve.server import run; "
-            f"run(model={str(model)!r}, port={self.port}, workers={workers}, "
-            f"threads={threads}, config={config!r})"
+            f"run(model={str(model) if model else None!r}, port={self.port}, workers={workers}, "
+            f"threads={threads}, config={config!r}, "
+            f"model_config={str(model_config) if model_config else None!r})"
         )
         # Files, not pipes: a chatty server would block on a full pipe nobody reads yet.
         logs.mkdir(parents=True, exist_ok=True)
@@ -229,7 +230,7 @@ def live_server_factory(tmp_path):
     """Start real servers; every one is stopped at the end of the test."""
     servers: list[LiveServer] = []
 
-    def start(model: Path, **kwargs) -> LiveServer:
+    def start(model: Path | None, **kwargs) -> LiveServer:
         server = LiveServer(model, tmp_path / f"server-{len(servers)}", **kwargs)
         servers.append(server)
         server.wait_ready()

@@ -121,7 +121,7 @@ def test_keys_are_off_by_default(app, red_png):
 
 def _doors(app):
     """(method, path) of every route that is not exempt, with sample path arguments."""
-    values = {"name": "cifar10", "version": "1", "filename": "app.js"}
+    values = {"name": "cifar10", "version": "1", "label": "stable", "filename": "app.js"}
     for rule in app.url_map.iter_rules():
         if rule.endpoint in EXEMPT_ENDPOINTS:
             continue

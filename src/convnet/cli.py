@@ -462,16 +462,21 @@ def audit_cmd(data_path, model_dir, label_features, near_bits, as_json, out):
               help="int8: serve model.int8.onnx (from `convnet export --quantize int8`), a "
                    "version without one is refused; float: model.onnx; auto: int8 where a "
                    "version has one. [default: $CONVNET_PRECISION or auto]")
+@click.option("--model-config", "model_config", type=click.Path(dir_okay=False), default=None,
+              envvar="CONVNET_MODEL_CONFIG",
+              help="A YAML file of several models (name, base_path, version_policy, labels) "
+                   "to serve instead of --model; re-read when it changes "
+                   "($CONVNET_MODEL_CONFIG).")
 @_fail_clearly
 def serve(model_dir, host, port, workers, threads, batch_max_size, batch_delay_ms, feedback_db,
-          precision):
+          precision, model_config):
     """Serve the model over HTTP with gunicorn (web page, REST, TF Serving and V2 APIs)."""
     from convnet.serve.server import run
 
     config = {} if feedback_db is None else {"FEEDBACK_DB": feedback_db}
     run(model=model_dir, host=host, port=port, workers=workers, threads=threads,
         batch_max_size=batch_max_size, batch_delay_ms=batch_delay_ms, precision=precision,
-        config=config)
+        config=config, model_config=model_config)
 
 
 @main.group()

@@ -1,5 +1,5 @@
 """The HTTP server: a web page, a JSON API, TensorFlow Serving's REST API and KServe's V2 protocol,
-all in front of one ONNX model directory.
+all in front of one ONNX model directory, or of several (MODEL_CONFIG, convnet.serve.models_config).
 
 Run it for development with `flask --app convnet.serve run`, in production with `convnet serve`
 (gunicorn, see `convnet.serve.server`). Settings come from, in increasing priority, DEFAULTS below,
@@ -20,6 +20,9 @@ from convnet.modeldir import PRECISIONS
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # src/convnet: templates/ and static/
 DEFAULTS: dict[str, object] = {
     "MODEL_DIR": None,  # a model root or one version folder; None = the bundled CIFAR-10 model
+    # A YAML file of several models, versions and labels (convnet.serve.models_config), polled
+    # like the roots every RELOAD_INTERVAL; None = serve MODEL_DIR alone. Not both.
+    "MODEL_CONFIG": None,
     "MAX_CONTENT_LENGTH": 10 * 1024 * 1024,  # bytes per request body; more gets a 413
     "MAX_IMAGE_PIXELS": MAX_PIXELS,  # width x height per image, read from the header; more: 413
     # Pixels a worker's threads may hold decoded at once (4-16 bytes each, by format); an image
@@ -60,6 +63,10 @@ def _normalise(config) -> None:
     config["CORS_ORIGINS"] = [o for o in origins or [] if o]
     model_dir = config["MODEL_DIR"]  # CONVNET_MODEL_DIR=7 arrives as the JSON number 7
     config["MODEL_DIR"] = str(model_dir) if model_dir not in (None, "") else None
+    model_config = config["MODEL_CONFIG"]
+    config["MODEL_CONFIG"] = str(model_config) if model_config not in (None, "") else None
+    if config["MODEL_CONFIG"] and config["MODEL_DIR"]:
+        raise ValueError("set MODEL_DIR (one model) or MODEL_CONFIG (several), not both")
     if config["PRECISION"] not in PRECISIONS:
         raise ValueError(f"PRECISION must be {', '.join(PRECISIONS)}, not "
                          f"{config['PRECISION']!r}")
@@ -83,7 +90,9 @@ def _normalise(config) -> None:
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """Build the app and load the model (polling for new versions if RELOAD_INTERVAL > 0)."""
+    """Build the app and load the models (polling for new versions, and for changes to the
+    MODEL_CONFIG file, if RELOAD_INTERVAL > 0). Raises ConfigError for a config that cannot
+    serve: one that does not parse, or a label at a version that did not load."""
     app = Flask(__name__, template_folder=str(PACKAGE_DIR / "templates"),
                 static_folder=str(PACKAGE_DIR / "static"))
     app.config.from_mapping(DEFAULTS)
@@ -101,9 +110,10 @@ def create_app(config: dict | None = None) -> Flask:
     from convnet.serve.batching import ModelBatchers
     from convnet.serve.decode import DecodeBudget
     from convnet.serve.errors import register_error_handlers
-    from convnet.serve.holder import ModelHolder
     from convnet.serve.metrics import ServeMetrics
+    from convnet.serve.models_config import read_config, single_model
     from convnet.serve.ratelimit import install_rate_limits
+    from convnet.serve.registry import ModelRegistry
     from convnet.serve.uploads import refuse_oversized_body
 
     # app.logger is the "convnet.serve" logger, parent of every module logger here. Flask gives
@@ -118,34 +128,41 @@ def create_app(config: dict | None = None) -> Flask:
         max_delay_s=app.config["BATCH_MAX_DELAY_MS"] / 1000,
     )
 
-    def loaded(model) -> None:
-        batchers.use(model)
-        metrics.model_loaded(model)
+    def loaded(model, slot, primary: bool) -> None:
+        batchers.use(model, slot)
+        metrics.model_loaded(model, slot, primary)
 
-    holder = ModelHolder(
-        app.config["MODEL_DIR"],
+    def unloaded(slot) -> None:
+        batchers.drop(slot)
+        metrics.model_unloaded(slot)
+
+    registry = ModelRegistry(
+        read_config(app.config["MODEL_CONFIG"]) if app.config["MODEL_CONFIG"]
+        else single_model(app.config["MODEL_DIR"]),
         reload_interval=app.config["RELOAD_INTERVAL"],
-        inference_threads=app.config["INFERENCE_THREADS"],
-        precision=app.config["PRECISION"],
-        on_load=loaded,
-        on_refuse=metrics.model_refused,
+        holder_options={"reload_interval": app.config["RELOAD_INTERVAL"],
+                        "inference_threads": app.config["INFERENCE_THREADS"],
+                        "precision": app.config["PRECISION"]},
+        on_load=loaded, on_refuse=metrics.model_refused, on_unload=unloaded,
     )
     app.extensions["convnet.metrics"] = metrics
-    app.extensions["convnet.holder"] = holder
+    app.extensions["convnet.registry"] = registry
     app.extensions["convnet.batchers"] = batchers
     app.extensions["convnet.decode_budget"] = DecodeBudget(
         app.config["DECODE_BUDGET_PIXELS"], on_refuse=metrics.decode_refusals.inc)
     app.extensions["convnet.feedback"] = (
         FeedbackStore(app.config["FEEDBACK_DB"], app.config["FEEDBACK_MAX_ITEMS"])
         if app.config["FEEDBACK_DB"] else None)
-    holder.load_initial()  # now, so the first request does not pay for it
-    holder.start()
+    registry.load_initial()  # now, so the first request does not pay for it
+    registry.start()
+    app.extensions["convnet.holder"] = registry.served.default  # the first model's
 
     ops.install_request_metrics(app)  # first, so the timer also covers refused requests
     install_access_log(app)  # next: refused requests get a request id and a log line too
     app.before_request(refuse_oversized_body)
     install_api_keys(app)
     install_rate_limits(app)  # after the key check: it finds whose budget a request spends
+    app.after_request(pipeline.name_model)
     app.teardown_request(pipeline.withdraw_arrival)
     register_error_handlers(app)
     cors.install(app)

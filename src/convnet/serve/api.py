@@ -5,6 +5,9 @@ Accepts one or many images as multipart `file` fields, one image as a raw `image
 
     curl -F file=@cat.jpg 'http://127.0.0.1:8000/api/v1/predict?top_k=3'
 
+`?model=NAME` picks one of the served models (default: the first of MODEL_CONFIG), `?version=V`
+or `?label=L` one of its versions (default: its newest); the answer names the model and version.
+
 `?explain=1` adds to each answer the pixels that drove it (convnet.serve.explain); `?keep=1` keeps
 the images for a while and gives each answer a `prediction_id` that feedback can name
 (convnet.serve.feedback).
@@ -64,9 +67,27 @@ def request_blobs() -> list[bytes]:
     )
 
 
+def parse_version(value: str | None) -> int | None:
+    """The `version` query parameter: a version number, or absent."""
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ApiError(f"version {value[:20]!r} not found: versions are integers from 1", 404)
+    return int(value)
+
+
+def requested_model():
+    """The model ?model=, ?version= and ?label= name (each optional; not version and label)."""
+    args = request.args
+    if args.get("version") and args.get("label"):
+        raise ApiError("give version or label, not both")
+    return get_model(args.get("model") or None, parse_version(args.get("version")),
+                     args.get("label") or None)
+
+
 @bp.post("/predict")
 def predict():
-    model = get_model()
+    model = requested_model()
     k = parse_top_k(request.args.get("top_k"), model.num_classes)
     explain = parse_explain(request.args.get("explain"))
     keep = parse_keep(request.args.get("keep"))

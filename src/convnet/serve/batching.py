@@ -244,6 +244,8 @@ class ModelBatchers:
     answers what it had queued, then stops). With max_batch_size 1 nothing is batched.
 
     make_infer(model) -> infer: what a batch of `model` runs (e.g. predict plus metrics).
+    Several models (or versions) are served side by side in slots (`ModelHolder.slot`): a model
+    replaces the one in its own slot only.
     """
 
     def __init__(self, make_infer: Callable[[Any], Infer], *, max_batch_size: int = 64,
@@ -251,21 +253,33 @@ class ModelBatchers:
         self.make_infer = make_infer
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        self._current: tuple[object, MicroBatcher | None] | None = None  # (model, its batcher)
+        # slot -> (model, its batcher); replaced, never mutated, so requests can read it
+        self._slots: dict[object, tuple[object, MicroBatcher | None]] = {}
 
-    def use(self, model) -> None:
-        """Serve `model` from now on (called when it is loaded)."""
+    def use(self, model, slot: object = None) -> None:
+        """Serve `model` from now on in `slot` (called when it is loaded)."""
         batcher = None
         if self.max_batch_size > 1:
             batcher = MicroBatcher(self.make_infer(model), self.max_batch_size,
                                    self.max_delay_s, name=f"convnet-batcher-v{_version(model)}")
-        previous, self._current = self._current, (model, batcher)  # one atomic assignment
+        previous = self._slots.get(slot)
+        self._slots = {**self._slots, slot: (model, batcher)}  # one atomic assignment
         if previous is not None and previous[1] is not None:
             previous[1].close(timeout=0)  # its worker answers its queue, then exits
 
+    def drop(self, slot: object) -> None:
+        """Stop serving the model in `slot` (its model left the config)."""
+        slots = dict(self._slots)
+        previous = slots.pop(slot, None)
+        self._slots = slots
+        if previous is not None and previous[1] is not None:
+            previous[1].close(timeout=0)
+
     def _batcher_for(self, model) -> MicroBatcher | None:
-        current = self._current
-        return current[1] if current is not None and current[0] is model else None
+        for served, batcher in self._slots.values():
+            if served is model:
+                return batcher
+        return None
 
     def expect(self, model) -> Arrival | None:
         """Announce a request for `model` that will call `run` soon (None: nothing to announce)."""
@@ -282,9 +296,10 @@ class ModelBatchers:
         return self.make_infer(model)(pixels)
 
     def close(self) -> None:
-        current, self._current = self._current, None
-        if current is not None and current[1] is not None:
-            current[1].close()
+        slots, self._slots = self._slots, {}
+        for _, batcher in slots.values():
+            if batcher is not None:
+                batcher.close()
 
 
 def _version(model) -> str:

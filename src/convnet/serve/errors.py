@@ -18,13 +18,16 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """A request we refuse, with the message, HTTP status and extra headers the client gets."""
+    """A request we refuse, with the message, HTTP status and extra headers the client gets;
+    `extra`: more fields for the JSON body (e.g. the served models, with a 404)."""
 
-    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, status: int = 400, headers: dict[str, str] | None = None,
+                 extra: dict | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.headers = headers or {}
+        self.extra = extra or {}
 
 
 def describe(exc: Exception) -> tuple[str, int]:
@@ -43,8 +46,9 @@ def extra_headers(exc: Exception) -> dict[str, str]:
     return exc.headers if isinstance(exc, ApiError) else {}
 
 
-def json_error(message: str, status: int, headers: dict[str, str] | None = None):
-    response = jsonify(error=message)
+def json_error(message: str, status: int, headers: dict[str, str] | None = None,
+               extra: dict | None = None):
+    response = jsonify({**(extra or {}), "error": message})
     response.status_code = status
     response.headers.update(headers or {})
     return response
@@ -54,7 +58,8 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     @app.errorhandler(ImageError)
     def client_error(exc):
-        return json_error(*describe(exc), extra_headers(exc))
+        return json_error(*describe(exc), extra_headers(exc),
+                          exc.extra if isinstance(exc, ApiError) else None)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

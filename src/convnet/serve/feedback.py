@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import logging
 
-from flask import Blueprint, current_app, g
+from flask import Blueprint, current_app, g, request
 from PIL import Image
 
 from convnet.feedback.store import (
@@ -39,7 +39,7 @@ from convnet.serve.decode import b64_to_bytes, decode_upload
 from convnet.serve.errors import ApiError
 from convnet.serve.explain import FALSE_VALUES, TRUE_VALUES
 from convnet.serve.model import LoadedModel
-from convnet.serve.pipeline import holder, metrics
+from convnet.serve.pipeline import find_holder, metrics
 from convnet.serve.uploads import (
     UPLOAD_FIELD,
     files_named,
@@ -67,11 +67,13 @@ def feedback_store() -> FeedbackStore:
     return found
 
 
-def served_model() -> LoadedModel:
-    """The served model, without announcing an image to the batcher (feedback runs no model)."""
-    model = holder().current
+def served_model(name: str | None = None) -> LoadedModel:
+    """Model `name`'s newest version (None: ?model=, else the default model), without announcing
+    an image to the batcher (feedback runs no model)."""
+    found = find_holder(name or request.args.get("model") or None)
+    model = found.current
     if model is None:
-        raise ApiError(f"no model is loaded: {holder().load_error}", 503)
+        raise ApiError(f"no model is loaded: {found.load_error}", 503)
     g.convnet_served = model  # for the access log, as pipeline.get_model does
     return model
 

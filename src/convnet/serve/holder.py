@@ -6,12 +6,17 @@ single reference assignment: a request holds the `LoadedModel` it started with, 
 mixes versions during a swap. A version that cannot serve is refused with its reason (logged, kept
 for /readyz and /metrics) and the old one keeps serving.
 
+Under the version policies `all` and `specific` (convnet.serve.models_config) a holder keeps
+several versions loaded, each added as it appears and never unloaded; `current` is then the
+highest of them.
+
 What clients may see (`Refusal.reason`, `load_error`) names the version and a short reason, never
 a path on this machine or a library's own error text; the log gets those (`Refusal.detail`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from convnet.modeldir import ModelDirError, list_versions, locate, resolve_version
 from convnet.serve.model import LoadedModel, LoadError, load_model
+from convnet.serve.models_config import LATEST, VersionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +56,16 @@ class ModelHolder:
     """Owns the served `LoadedModel`.
 
     model_dir: a model root (versions are watched), one version folder (served as is, never
-    reloaded), or None for the bundled model's root.
+    reloaded), or None for the bundled model's root. name: what the loaded models are called
+    (None: the root folder's name). policy: which versions are loaded (latest: one at a time).
     """
 
     def __init__(
         self,
         model_dir: str | os.PathLike | None,
         *,
+        name: str | None = None,
+        policy: VersionPolicy = LATEST,
         reload_interval: float = 2.0,  # seconds between polls; 0 disables reloading
         inference_threads: int = 1,
         precision: str = "auto",  # "int8"/"float": that file; "auto": int8 where present
@@ -64,12 +73,16 @@ class ModelHolder:
         on_refuse: Callable[[Refusal], None] | None = None,
     ):
         self.model_dir = locate(model_dir)
+        self.name = name
+        self.policy = policy
         self.reload_interval = reload_interval
         self.inference_threads = inference_threads
         self.precision = precision
         self._on_load = on_load or (lambda model: None)
         self._on_refuse = on_refuse or (lambda refusal: None)
         self._current: LoadedModel | None = None
+        # version -> model, every one loaded now; replaced, never mutated (requests read it)
+        self._loaded: dict[int, LoadedModel] = {}
         self.load_error: str | None = None  # why nothing is served, while nothing is; public
         # version -> why it is not served. Replaced, never mutated, so request threads can
         # iterate it while the reload thread records a refusal.
@@ -81,7 +94,18 @@ class ModelHolder:
 
     @property
     def current(self) -> LoadedModel | None:
+        """The version answering requests that name none: the highest loaded."""
         return self._current
+
+    @property
+    def loaded(self) -> dict[int, LoadedModel]:
+        """Every version loaded now, by number (one under the latest policy)."""
+        return self._loaded
+
+    def slot(self, model: LoadedModel) -> object:
+        """What a newly loaded `model` takes the place of, for batchers and metrics: under the
+        latest policy the previous version's, else a place of its own."""
+        return (id(self),) if self.policy.kind == "latest" else (id(self), model.version)
 
     @property
     def watched_root(self) -> Path | None:
@@ -93,23 +117,31 @@ class ModelHolder:
         return None if resolved == self.model_dir else self.model_dir
 
     def load_initial(self) -> None:
-        """Load the highest version that works, refusing the broken ones above it."""
+        """Load the highest version that works, refusing the broken ones above it (under `all`
+        and `specific`: every version the policy selects, refusing the broken ones)."""
         root = self.watched_root
         if root is None:
             self._try_load(self.model_dir)
             return
         for version in reversed(list_versions(root)):
-            if self._try_load(root / str(version)):
+            if self.policy.kind != "latest":
+                if self.policy.wants(version):
+                    self._try_load(root / str(version))
+            elif self._try_load(root / str(version)):
                 return
         if self._current is None and self.load_error is None:
-            self.load_error = "the model root holds no model version yet"
-            log.warning("%s holds no model version yet; waiting for one", root)
+            wanted = ("" if self.policy.kind == "latest"
+                      else f" that version_policy {self.policy.describe()} loads")
+            self.load_error = f"the model root holds no model version{wanted} yet"
+            log.warning("%s holds no model version%s yet; waiting for one", root, wanted)
 
     def _try_load(self, version_dir: Path, version_fingerprint: Fingerprint = ()) -> bool:
         started = time.perf_counter()
         try:
             model = load_model(version_dir, inference_threads=self.inference_threads,
                                precision=self.precision)
+            if self.name is not None and model.name != self.name:
+                model = dataclasses.replace(model, name=self.name)
         except Exception as exc:  # unreadable files, bad encodings...: all mean "do not serve"
             if isinstance(exc, LoadError):
                 reason, detail = exc.reason, str(exc)
@@ -119,7 +151,13 @@ class ModelHolder:
                          version_fingerprint or fingerprint(version_dir))
             return False
         previous = self._current
-        self._current = model  # the swap: one reference assignment, atomic under the GIL
+        if self.policy.kind == "latest":
+            self._loaded = {model.version: model}
+            self._current = model  # the swap: one reference assignment, atomic under the GIL
+        else:
+            self._loaded = {**self._loaded, model.version: model}
+            self._current = self._loaded[max(self._loaded)]
+            previous = None  # nothing is replaced: every version stays
         self.load_error = None
         log.info(
             "serving %s version %d (%s) from %s (loaded in %.0f ms%s)",
@@ -148,10 +186,16 @@ class ModelHolder:
 
         A version is only loaded once two polls in a row see the same files, so a folder copied in
         without an atomic rename is not read half-written. A refused version is retried only if
-        its files change.
+        its files change. Under `all` and `specific`, every wanted version not loaded yet.
         """
         root = self.watched_root
         if root is None:
+            return
+        if self.policy.kind != "latest":
+            with self._poll_lock:
+                for version in list_versions(root):
+                    if self.policy.wants(version) and version not in self._loaded:
+                        self._consider(root / str(version), version)
             return
         with self._poll_lock:
             floor = self._current.version if self._current else 0
@@ -170,6 +214,19 @@ class ModelHolder:
                 if self._try_load(version_dir, seen):
                     self.refusals = {v: r for v, r in self.refusals.items() if v != version}
                     return
+
+    def _consider(self, version_dir: Path, version: int) -> None:
+        """Load `version` once its files have settled, unless refused as they are."""
+        seen = fingerprint(version_dir)
+        refused = self.refusals.get(version)
+        if refused and refused.fingerprint == seen:
+            return
+        if self._pending.get(version) != seen:
+            self._pending[version] = seen
+            return
+        del self._pending[version]
+        if self._try_load(version_dir, seen):
+            self.refusals = {v: r for v, r in self.refusals.items() if v != version}
 
     def start(self) -> None:
         """Start the polling thread (idempotent; a no-op when reloading is disabled)."""

@@ -90,16 +90,28 @@ class ServeMetrics:
             "a version replaced by a hot reload is removed (0 under gunicorn).",
             ["model", "version", "precision"], registry=r, multiprocess_mode="liveall",
         )
-        self._memory_labels: tuple[str, str, str] | None = None  # the version counted now
+        # slot (see ModelHolder.slot) -> the memory series of the version loaded in it now
+        self._memory_labels: dict[object, tuple[str, str, str]] = {}
 
-    def model_loaded(self, model: LoadedModel) -> None:
+    def model_loaded(self, model: LoadedModel, slot: object = None, primary: bool = True) -> None:
+        """Count a load; its memory replaces that of the version which had its `slot`.
+        primary: the default model's newest version, which convnet_model_version reports."""
         self.reloads.labels("loaded").inc()
-        self.model_version.set(model.version)
+        if primary:
+            self.model_version.set(model.version)
         labels = (model.name, str(model.version), model.precision)
-        if self._memory_labels is not None and self._memory_labels != labels:
-            self._forget_memory(self._memory_labels)
+        previous = self._memory_labels.get(slot)
+        if (previous is not None and previous != labels
+                and list(self._memory_labels.values()).count(previous) == 1):
+            self._forget_memory(previous)
         self.model_memory.labels(*labels).set(model.memory_bytes)
-        self._memory_labels = labels
+        self._memory_labels[slot] = labels
+
+    def model_unloaded(self, slot: object) -> None:
+        """The version in `slot` is gone (its model left the config): drop its memory."""
+        labels = self._memory_labels.pop(slot, None)
+        if labels is not None and labels not in self._memory_labels.values():
+            self._forget_memory(labels)  # unless a new holder of that model loaded it again
 
     def _forget_memory(self, labels: tuple[str, str, str]) -> None:
         """The replaced version's series: removed, or zeroed where remove() cannot reach it

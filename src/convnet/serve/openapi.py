@@ -27,7 +27,8 @@ def _json(schema: dict, description: str = "OK") -> dict:
 
 ERRORS = {
     "400": _json(_ref("Error"), "Bad input: the message says what was wrong"),
-    "404": _json(_ref("Error"), "Unknown model name or version"),
+    "404": _json(_ref("Error"), "Unknown model name, version or label; the body also lists "
+                 "the served `models` (and, for a label, the model's `labels`)"),
     "413": _json(_ref("Error"), "Body over MAX_CONTENT_LENGTH, or an image over MAX_IMAGE_PIXELS"),
     "415": _json(_ref("Error"), "Unsupported content type"),
     "503": {**_json(_ref("Error"), "No model loaded yet, or this worker is decoding as many "
@@ -36,9 +37,18 @@ ERRORS = {
                                         "description": "seconds to wait before retrying"}}},
 }
 NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
-        "description": "Model name: the model root folder's name (`cifar10` for the bundled one)"}
+        "description": "Model name: as MODEL_CONFIG names it, else the model root folder's name "
+                       "(`cifar10` for the bundled one)"}
 VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
-           "description": "Model version (an integer); only the served version answers"}
+           "description": "Model version (an integer); only loaded versions answer"}
+LABEL = {"name": "label", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "A version label of the model's (MODEL_CONFIG), e.g. stable or canary"}
+MODEL_QUERY = {"name": "model", "in": "query", "schema": {"type": "string"},
+               "description": "Model name (default: the first of MODEL_CONFIG, or the only one)"}
+VERSION_QUERY = {"name": "version", "in": "query", "schema": {"type": "integer", "minimum": 1},
+                 "description": "One of the model's loaded versions (default: its newest)"}
+LABEL_QUERY = {"name": "label", "in": "query", "schema": {"type": "string"},
+               "description": "A version label of the model's, instead of version"}
 TOP_K = {"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1, "default": 5},
          "description": "Classes per image, most probable first (at most the number of classes)"}
 KEEP = {"name": "keep", "in": "query", "schema": {"type": "boolean", "default": False},
@@ -64,10 +74,12 @@ def _post(summary: str, body: dict, schema: dict, tag: str, params=()) -> dict:
                      "responses": {"200": _json(schema), **ERRORS}}}
 
 
-def _versioned(paths: dict, base: str, suffix: str, item_for) -> None:
-    """Add `base + suffix` and its `/versions/{version}` twin."""
+def _versioned(paths: dict, base: str, suffix: str, item_for, labels: bool = False) -> None:
+    """Add `base + suffix` and its `/versions/{version}` (and `/labels/{label}`) twins."""
     paths[f"{base}{suffix}"] = item_for([NAME])
     paths[f"{base}/versions/{{version}}{suffix}"] = item_for([NAME, VERSION])
+    if labels:
+        paths[f"{base}/labels/{{label}}{suffix}"] = item_for([NAME, LABEL])
 
 
 FILES_FIELD = {"file": {"type": "array", "items": {"type": "string", "format": "binary"}}}
@@ -80,7 +92,12 @@ IMAGE_BODY = {
 B64_STRING = {"type": "string", "format": "byte",
               "description": "base64 of a JPEG/PNG/GIF/BMP/WebP"}
 SCHEMAS = {
-    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "Error": {"type": "object", "required": ["error"], "properties": {
+        "error": {"type": "string"},
+        "models": {"type": "array", "items": {"type": "string"},
+                   "description": "with a 404 for a model or label: the served models"},
+        "labels": {"type": "object", "additionalProperties": {"type": "integer"},
+                   "description": "with a 404 for a label: the model's labels -> versions"}}},
     "B64": {"type": "object", "required": ["b64"], "properties": {"b64": B64_STRING}},
     "InstancesB64": {"type": "object", "required": ["instances"], "properties": {
         "instances": {"type": "array", "items": _ref("B64")}}},
@@ -134,7 +151,9 @@ SCHEMAS = {
                               "predictions": {"type": "array", "items": {
                                   "type": "array", "items": {"type": "number"}}},
                               "outputs": {"type": "array", "items": {
-                                  "type": "array", "items": {"type": "number"}}}}},
+                                  "type": "array", "items": {"type": "number"}}},
+                              "model_spec": {"type": "object", "description": "the model and "
+                                             "version that answered"}}},
     "TFClassifyRequest": {"type": "object", "required": ["examples"], "properties": {
         "signature_name": {"type": "string"},
         "examples": {"type": "array", "items": {
@@ -255,7 +274,7 @@ FEEDBACK_ERRORS = {
 }
 FEEDBACK = {"post": {
     "summary": "Say which class an image really is; stored for export and retraining",
-    "tags": ["api"],
+    "tags": ["api"], "parameters": [MODEL_QUERY],
     "requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["label"], "description": ONE_OF.format("file"),
@@ -276,6 +295,7 @@ FEEDBACK_FORM = {"post": {
                       "image the model saw, as the result page embeds it"},
             "verdict": {"type": "string", "enum": ["right", "wrong"], "description":
                         "right: the image is `predicted`; wrong: it is `label`"},
+            "model": {"type": "string", "description": "the model that answered"},
             **FEEDBACK_FIELDS}}}}},
     "responses": {status: {"description": "HTML page"} for status in
                   ("200", "400", "404", "413", "503", "507")}}}
@@ -323,7 +343,8 @@ def build_spec(model: LoadedModel | None = None) -> dict:
     paths: dict = {
         "/": {
             "get": {"summary": "Web page: upload images, see the top-5 classes; model card",
-                    "tags": ["web"], "responses": {"200": html}},
+                    "tags": ["web"], "parameters": [MODEL_QUERY],
+                    "responses": {"200": html, "404": html}},
             "post": {"summary": "The page's no-JavaScript form: answers the page with results",
                      "tags": ["web"],
                      "requestBody": {"content": {"multipart/form-data": {"schema": {
@@ -331,8 +352,10 @@ def build_spec(model: LoadedModel | None = None) -> dict:
                              **FILES_FIELD,
                              "explain": {"type": "string", "enum": ["1"], "description":
                                          "the page's checkbox: show which pixels drove each "
-                                         "answer"}}}}}},
-                     "responses": {"200": html, "400": html, "413": html}},
+                                         "answer"},
+                             "model": {"type": "string", "description": "the page's model "
+                                       "picker (with several models): the model to ask"}}}}}},
+                     "responses": {"200": html, "400": html, "404": html, "413": html}},
         },
         "/models/{name}": {"get": {
             "summary": "Model page: test scores per class, confusion matrix, training curves, "
@@ -341,7 +364,8 @@ def build_spec(model: LoadedModel | None = None) -> dict:
             "responses": {"200": html, "404": html, "503": html}}},
         "/api/v1/predict": _post("Classify one or more images (top-k per image, in order)",
                                  IMAGE_BODY, _ref("PredictResponse"), "api",
-                                 [TOP_K, EXPLAIN, KEEP]),
+                                 [MODEL_QUERY, VERSION_QUERY, LABEL_QUERY, TOP_K, EXPLAIN,
+                                  KEEP]),
         "/api/v1/feedback": FEEDBACK,
         "/feedback": FEEDBACK_FORM,
         "/healthz": _get("Liveness", obj, "ops"),
@@ -359,15 +383,16 @@ def build_spec(model: LoadedModel | None = None) -> dict:
     }
     tf_base, v2_base = "/v1/models/{name}", "/v2/models/{name}"
     _versioned(paths, tf_base, "", lambda p: _get(
-        "TF Serving model status", _ref("TFModelStatus"), "tfserving", p, ERRORS))
+        "TF Serving model status", _ref("TFModelStatus"), "tfserving", p, ERRORS), True)
     _versioned(paths, tf_base, "/metadata", lambda p: _get(
-        "TF Serving model metadata (signature)", _ref("TFMetadata"), "tfserving", p, ERRORS))
+        "TF Serving model metadata (signature)", _ref("TFMetadata"), "tfserving", p, ERRORS),
+        True)
     _versioned(paths, tf_base, ":predict", lambda p: _post(
         "TF Serving predict", {JSON: {"schema": _ref("TFPredictRequest")}},
-        _ref("TFPredictResponse"), "tfserving", p))
+        _ref("TFPredictResponse"), "tfserving", p), True)
     _versioned(paths, tf_base, ":classify", lambda p: _post(
         "TF Serving classify", {JSON: {"schema": _ref("TFClassifyRequest")}},
-        _ref("TFClassifyResponse"), "tfserving", p))
+        _ref("TFClassifyResponse"), "tfserving", p), True)
     _versioned(paths, v2_base, "", lambda p: _get(
         "V2 model metadata", _ref("V2ModelMetadata"), "v2", p, ERRORS))
     _versioned(paths, v2_base, "/ready", lambda p: _get("V2 model readiness", obj, "v2", p,

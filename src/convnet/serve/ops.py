@@ -8,7 +8,7 @@ import time
 from flask import Blueprint, Flask, Response, g, request
 
 from convnet.serve.openapi import build_spec
-from convnet.serve.pipeline import holder, metrics
+from convnet.serve.pipeline import holder, metrics, registry
 from convnet.serve.worker import STOPPING
 
 bp = Blueprint("ops", __name__)
@@ -22,15 +22,23 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """Readiness: 200 while a model serves, 503 before; refused versions are listed either way.
-    Names, versions and short reasons only: where the model lives is the log's business."""
+    """Readiness: 200 while the default model serves, 503 before; refused versions are listed
+    either way, and every served model's loaded versions and labels. Names, versions and short
+    reasons only: where the models live is the log's business."""
     h = holder()
     model = h.current
-    body = {
+    served = registry().served
+    body: dict = {
         "ready": model is not None,
         "refused": [{"version": r.version, "reason": r.reason, "at": r.at}
                     for r in sorted(h.refusals.values(), key=lambda r: r.version)],
+        "models": [{"name": name, "versions": sorted(found.loaded),
+                    "labels": served.labels(name),
+                    "refused": sorted(found.refusals)}
+                   for name, found in served.holders.items()],
     }
+    if registry().config_error:  # the last edit of MODEL_CONFIG was refused
+        body["config_error"] = registry().config_error
     if STOPPING.is_set():  # SIGTERM arrived (serve/worker.py): send no more traffic here
         body["ready"], body["reason"] = False, "shutting down"
         return body, 503

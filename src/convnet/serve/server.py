@@ -2,6 +2,7 @@
 
     from convnet.serve.server import run
     run(model="runs/cifar10", port=8000)        # what `convnet serve` calls
+    run(model_config="models.yaml", port=8000)  # several models (convnet.serve.models_config)
 
 Each worker builds its own app (and ONNX Runtime session) after the fork; nothing is preloaded in
 the master, since threads and native sessions do not survive a fork. Prometheus samples from all
@@ -15,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
@@ -22,12 +24,15 @@ from convnet.modeldir import (
     PRECISION_FILES,
     PRECISIONS,
     ModelDirError,
+    is_version_dir,
     model_name,
     resolve_version,
     version_number,
 )
+from convnet.serve.models_config import ConfigError, ModelsConfig, read_config
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+WORKER_BOOT_ERROR = 3  # gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR: the master halts on it
 KEYS_ENV, LIMITS_ENV = "CONVNET_API_KEYS_FILE", "CONVNET_RATE_LIMIT_STORAGE"
 # Gunicorn 24+ opens a control socket in ~/.gunicorn by default: shared by every server a user
 # starts (tests start several at once) and not needed by us.
@@ -48,8 +53,13 @@ class _GunicornApp(BaseApplication):
 
     def load(self):
         from convnet.serve import create_app  # in the worker, after the fork
+        from convnet.serve.models_config import ConfigError
 
-        return create_app(self.app_config)
+        try:
+            return create_app(self.app_config)
+        except ConfigError as exc:  # a label at a version that did not load: one line, no trace
+            print(f"convnet: {exc}", file=sys.stderr, flush=True)
+            sys.exit(WORKER_BOOT_ERROR)  # gunicorn's own code for it: the master stops too
 
 
 def _forget_worker(server, worker) -> None:
@@ -72,6 +82,21 @@ def _check_api_keys(config: dict) -> None:
         check_rate_limit(str(limit))
 
 
+def check_model_config(path: str | os.PathLike) -> ModelsConfig:
+    """The config at `path`, checked as far as the master can without loading a model (that
+    is the workers' job, after the fork): it parses, and every labelled version has a folder.
+    Raises ConfigError, naming the line."""
+    config = read_config(Path(path).resolve())
+    for spec in config.models:
+        for label, version in spec.labels.items():
+            if not is_version_dir(spec.base_path / str(version)):
+                raise ConfigError(
+                    f"{config.where(spec.label_lines.get(label, spec.line))}: label {label!r} "
+                    f"of model {spec.name!r} points at version {version}, which is not loaded "
+                    f"(no model in {spec.base_path / str(version)})")
+    return config
+
+
 def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
@@ -90,10 +115,21 @@ def run(
     batch_delay_ms: float | None = None,  # ms a forming batch may wait (None: app defaults)
     precision: str | None = None,  # "auto", "float" or "int8" (None: CONVNET_PRECISION or auto)
     config: dict | None = None,  # more app settings, e.g. {"RELOAD_INTERVAL": 0}
+    model_config: str | os.PathLike | None = None,  # a models file instead of `model`
 ) -> None:
-    """Serve `model` (a model root, a version folder, or None for the bundled model) until
-    interrupted. Raises ModelDirError before starting anything if there is no model to serve."""
-    version_dir = resolve_version(model)  # fail here, once, with the reason
+    """Serve `model` (a model root, a version folder, or None for the bundled model), or the
+    models of the `model_config` file, until interrupted. Raises ModelDirError (ConfigError)
+    before starting anything if there is no model to serve (the file has a mistake)."""
+    if model_config is not None:
+        if model is not None:
+            raise ConfigError("give a model or a model config, not both")
+        models = check_model_config(model_config)
+        served = f"{', '.join(models.names)} (from {models.path})"
+        config = {**(config or {}), "MODEL_CONFIG": str(models.path)}
+        version_dir = None  # several roots, some perhaps empty yet: each holder checks its own
+    else:
+        version_dir = resolve_version(model)  # fail here, once, with the reason
+        served = f"{model_name(version_dir)} version {version_number(version_dir)}"
     _check_api_keys(config or {})  # likewise: else every worker would fail to boot
     app_config = dict(config or {})
     if precision is not None:
@@ -101,7 +137,8 @@ def run(
     chosen = app_config.get("PRECISION") or os.environ.get("CONVNET_PRECISION") or "auto"
     if chosen not in PRECISIONS:
         raise ModelDirError(f"unknown precision {chosen!r}: {', '.join(PRECISIONS)}")
-    if chosen == "int8" and not (version_dir / PRECISION_FILES[chosen]).is_file():
+    if (chosen == "int8" and version_dir is not None
+            and not (version_dir / PRECISION_FILES[chosen]).is_file()):
         raise ModelDirError(f"{version_dir} has no {PRECISION_FILES[chosen]}: no int8 model to "
                             "serve (make one with `convnet export --quantize int8`, or serve in "
                             "float)")
@@ -114,11 +151,9 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(levelname)s "
                         "%(name)s: %(message)s")
 
-    name, version = model_name(version_dir), version_number(version_dir)
-
     def announce(server) -> None:
         bound_port = server.LISTENERS[0].sock.getsockname()[1]  # the real one when port=0
-        print(f"convnet: serving {name} version {version} at {_url(host, bound_port)}  "
+        print(f"convnet: serving {served} at {_url(host, bound_port)}  "
               "(Ctrl-C stops)", flush=True)
 
     options = {

@@ -1,9 +1,13 @@
 """TensorFlow Serving's REST API, so its clients work unchanged against this server.
 
-    GET  /v1/models/NAME[/versions/V]             model status
-    GET  /v1/models/NAME[/versions/V]/metadata    signature: uint8 [-1,S,S,3] -> float [-1,C]
-    POST /v1/models/NAME[/versions/V]:predict     {"instances": [...]} or {"inputs": [...]}
-    POST /v1/models/NAME[/versions/V]:classify    {"examples": [{"image": {"b64": ...}}]}
+    GET  /v1/models/NAME[/versions/V|/labels/L]             model status
+    GET  /v1/models/NAME[/versions/V|/labels/L]/metadata    signature: uint8 [-1,S,S,3] -> [-1,C]
+    POST /v1/models/NAME[/versions/V|/labels/L]:predict     {"instances": [...]} or {"inputs": ...}
+    POST /v1/models/NAME[/versions/V|/labels/L]:classify    {"examples": [{"image": {"b64": ...}}]}
+
+NAME is one of the served models (MODEL_CONFIG), V one of its loaded versions, L one of its
+labels (e.g. stable, canary); without either, its newest version answers. Predict and classify
+answers carry `model_spec` (name, version) as TF Serving's gRPC responses do.
 
 An instance is an encoded image `{"b64": "..."}` or an [S, S, 3] array of 0..255 integers, S
 being the served model's input size; the named-input form `{"<input name>": <either>}` works too.
@@ -19,7 +23,7 @@ from convnet.imaging import ImageError
 from convnet.serve.decode import b64_to_bytes, check_count, decode_upload, pixels_from_numbers
 from convnet.serve.errors import ApiError
 from convnet.serve.model import OUTPUT_NAME, LoadedModel
-from convnet.serve.pipeline import get_model, holder, infer, max_images
+from convnet.serve.pipeline import find_holder, get_model, infer, max_images
 from convnet.serve.uploads import read_json_body
 
 bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
@@ -28,10 +32,12 @@ SIGNATURE = "serving_default"
 
 
 def _status(model: LoadedModel, version: int | None) -> dict:
-    """GetModelStatusResponse: the served version, plus any refused ones (state END)."""
-    entries = [{"version": str(model.version), "state": "AVAILABLE",
-                "status": {"error_code": "OK", "error_message": ""}}]
-    for refusal in holder().refusals.values():
+    """GetModelStatusResponse: the loaded versions, plus any refused ones (state END)."""
+    found = find_holder(model.name)
+    entries = [{"version": str(v), "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""}}
+               for v in sorted(found.loaded, reverse=True)]
+    for refusal in found.refusals.values():
         entries.append({"version": str(refusal.version), "state": "END",
                         "status": {"error_code": "UNKNOWN", "error_message": refusal.reason}})
     if version is not None:
@@ -43,8 +49,14 @@ def _status(model: LoadedModel, version: int | None) -> dict:
 
 @bp.get("/<name>")
 @bp.get("/<name>/versions/<int:version>")
-def status(name: str, version: int | None = None):
-    return _status(get_model(name), version)
+@bp.get("/<name>/labels/<label>")
+def status(name: str, version: int | None = None, label: str | None = None):
+    model = get_model(name, label=label)
+    return _status(model, model.version if label is not None else version)
+
+
+def _spec(model: LoadedModel) -> dict:
+    return {"name": model.name, "signature_name": SIGNATURE, "version": str(model.version)}
 
 
 def _tensor_info(name: str, dtype: str, dims: list[int]) -> dict:
@@ -58,8 +70,9 @@ def _tensor_info(name: str, dtype: str, dims: list[int]) -> dict:
 
 @bp.get("/<name>/metadata")
 @bp.get("/<name>/versions/<int:version>/metadata")
-def metadata(name: str, version: int | None = None):
-    model = get_model(name, version)
+@bp.get("/<name>/labels/<label>/metadata")
+def metadata(name: str, version: int | None = None, label: str | None = None):
+    model = get_model(name, version, label)
     signature = {
         "inputs": {model.input_name: _tensor_info(model.input_name, "DT_UINT8",
                                                   [-1, *model.input_shape])},
@@ -111,8 +124,9 @@ def _batch_pixels(rows, where: str, size: int) -> np.ndarray:
 
 @bp.post("/<name>:predict")
 @bp.post("/<name>/versions/<int:version>:predict")
-def predict(name: str, version: int | None = None):
-    model = get_model(name, version)
+@bp.post("/<name>/labels/<label>:predict")
+def predict(name: str, version: int | None = None, label: str | None = None):
+    model = get_model(name, version, label)
     payload = read_json_body()
     _check_signature(payload)
     if ("instances" in payload) == ("inputs" in payload):
@@ -120,14 +134,15 @@ def predict(name: str, version: int | None = None):
                        "(columnar format), not both or neither")
     if "instances" in payload:
         probs = infer(model, _batch_pixels(payload["instances"], "instances", model.input_size))
-        return {"predictions": probs.tolist()}
+        return {"predictions": probs.tolist(), "model_spec": _spec(model)}
     inputs, where = payload["inputs"], "inputs"
     if isinstance(inputs, dict) and "b64" not in inputs:
         if len(inputs) != 1:
             raise ApiError(f"this model has one input; got inputs {sorted(inputs)}")
         (key, inputs), = inputs.items()
         where = f"inputs.{key}"
-    return {"outputs": infer(model, _batch_pixels(inputs, where, model.input_size)).tolist()}
+    return {"outputs": infer(model, _batch_pixels(inputs, where, model.input_size)).tolist(),
+            "model_spec": _spec(model)}
 
 
 def _example_image(example, where: str) -> bytes:
@@ -149,9 +164,10 @@ def _example_image(example, where: str) -> bytes:
 
 @bp.post("/<name>:classify")
 @bp.post("/<name>/versions/<int:version>:classify")
-def classify(name: str, version: int | None = None):
+@bp.post("/<name>/labels/<label>:classify")
+def classify(name: str, version: int | None = None, label: str | None = None):
     """ClassificationResponse: per example, [label, score] for every class in class order."""
-    model = get_model(name, version)
+    model = get_model(name, version, label)
     payload = read_json_body()
     _check_signature(payload)
     examples = payload.get("examples")
@@ -166,5 +182,5 @@ def classify(name: str, version: int | None = None):
         except ImageError as exc:
             raise ImageError(f"{where}: {exc}", exc.status) from None
     probs = infer(model, pixels)
-    return {"results": [[[label, float(p)] for label, p in zip(model.labels, row, strict=True)]
-                        for row in probs]}
+    return {"results": [[[name, float(p)] for name, p in zip(model.labels, row, strict=True)]
+                        for row in probs], "model_spec": _spec(model)}

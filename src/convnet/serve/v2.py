@@ -4,6 +4,9 @@
     GET  /v2/models/NAME[/versions/V], /v2/models/NAME[/versions/V]/ready
     POST /v2/models/NAME[/versions/V]/infer
 
+NAME is one of the served models (MODEL_CONFIG), V one of its loaded versions (without it, the
+newest answers); infer answers name both (model_name, model_version).
+
 One input tensor: UINT8 or FP32 [N, S, S, 3] pixels 0..255 (data flat row-major or nested; S is
 the served model's input size), or BYTES [N] holding encoded images as base64 strings. One
 output: `probabilities` FP32 [N, C]. Inputs and the output may also travel as raw bytes after the
@@ -22,7 +25,7 @@ from convnet import __version__
 from convnet.serve.decode import b64_to_bytes, check_count, decode_images, pixels_from_numbers
 from convnet.serve.errors import ApiError
 from convnet.serve.model import OUTPUT_NAME, LoadedModel
-from convnet.serve.pipeline import get_model, holder, infer, max_images
+from convnet.serve.pipeline import find_holder, get_model, holder, infer, max_images
 from convnet.serve.v2_binary import binary_answer, bytes_elements, read_infer_body, tensor_array
 from convnet.serve.worker import STOPPING
 
@@ -59,7 +62,7 @@ def ready():
 def _model_metadata(model: LoadedModel) -> dict:
     return {
         "name": model.name,
-        "versions": [str(model.version)],
+        "versions": [str(v) for v in sorted(find_holder(model.name).loaded)],
         "platform": "onnxruntime_onnx",
         "inputs": [{"name": model.input_name, "datatype": "UINT8",
                     "shape": [-1, *model.input_shape]}],

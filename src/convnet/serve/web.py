@@ -1,6 +1,8 @@
 """The web page: GET / shows the upload form and the model card; POST / is the same form without
 JavaScript, answered by the page with the results. With JavaScript, static/app.js takes over and
-calls /api/v1/predict per image instead (drag and drop, paste, previews, inline errors).
+calls /api/v1/predict per image instead (drag and drop, paste, previews, inline errors). With
+several models served, a <select> in the form picks one (`model`, sent with the form; GET
+/?model=NAME shows that model's card).
 POST /feedback is a result's "Right" / "Wrong, it is X" form (convnet.serve.feedback stores it).
 """
 
@@ -11,7 +13,7 @@ import io
 import logging
 
 import numpy as np
-from flask import Blueprint, current_app, render_template
+from flask import Blueprint, current_app, render_template, request
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
@@ -34,7 +36,15 @@ from convnet.serve.feedback import (
     served_model,
 )
 from convnet.serve.model import LoadedModel
-from convnet.serve.pipeline import get_model, holder, infer_scored, max_images, max_parts, metrics
+from convnet.serve.pipeline import (
+    find_holder,
+    get_model,
+    infer_scored,
+    max_images,
+    max_parts,
+    metrics,
+    registry,
+)
 from convnet.serve.postprocess import DEFAULT_TOP_K, top_k, unsure_fields
 from convnet.serve.uploads import UPLOAD_FIELD, files_named, form_parts, text_field
 
@@ -42,6 +52,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("web", __name__)
 
 EXPLAIN_FIELD = "explain"  # the form's checkbox: show which pixels drove each answer
+MODEL_FIELD = "model"  # the form's model picker, and a result's feedback form: the model's name
 IMAGE_FIELD, VERDICT_FIELD = "image", "verdict"  # a result's feedback form: its image, the button
 THUMBNAIL_PREFIX = "data:image/png;base64,"
 MAX_SHOWN_NAME = 80  # characters of a client's file name echoed back (escaped by Jinja)
@@ -55,12 +66,18 @@ CONTENT_SECURITY_POLICY = (
 
 def _page(results=None, error: str | None = None, status: int = 200, headers=None,
           model: LoadedModel | None = None, notice: str | None = None):
-    """The page, describing `model` (the one that answered the results), else the served one."""
-    model = model or holder().current
+    """The page, describing `model` (the one that answered the results), else the one ?model=
+    names (an unknown name: the default one; the error says so), else the default one."""
+    served = registry().served
+    chosen = served.holders.get(model.name if model else request.args.get(MODEL_FIELD, ""),
+                                served.default)
+    model = model or chosen.current
     html = render_template(
         "index.html",
         model=model,
-        load_error=holder().load_error,
+        models=served.names,
+        chosen=chosen.name,
+        load_error=chosen.load_error,
         results=results or [],
         error=error,
         notice=notice,
@@ -90,13 +107,14 @@ def _shown_name(name: str | None, position: int) -> str:
 
 @bp.get("/")
 def index():
+    find_holder(request.args.get(MODEL_FIELD) or None)  # a 404 page for an unknown name
     return _page()
 
 
 @bp.post("/")
 def classify_form():
-    model = get_model()
     parts = form_parts(max_parts())
+    model = get_model(text_field(parts, MODEL_FIELD) or None)
     uploads = files_named(parts, UPLOAD_FIELD)
     if not uploads:
         raise ApiError("choose one or more images first")
@@ -136,8 +154,8 @@ def feedback_form():
     """A result's "Right" / "Wrong, it is X" form. It carries the image the model saw (the
     result's S x S PNG, base64): without JavaScript the page cannot send the upload again."""
     metrics().feedback_received.labels("page").inc()
-    model = served_model()
     parts = form_parts(MAX_FEEDBACK_PARTS)
+    model = served_model(text_field(parts, MODEL_FIELD) or None)
     image = text_field(parts, IMAGE_FIELD) or ""
     blob = b64_to_bytes(image.removeprefix(THUMBNAIL_PREFIX), "the result's image")
     predicted = text_field(parts, PREDICTED_FIELD)

@@ -24,6 +24,20 @@
     const feedbackMax = Number(form.dataset.feedbackMax || 0); // bytes per feedback image
     const classes = Array.from(document.querySelectorAll("#model-classes li"),
       (item) => item.textContent);
+    const picker = document.getElementById("model-select"); // only when several models serve
+    if (picker) {
+      // Show the chosen model's card and classes: the page itself renders them per ?model=.
+      picker.addEventListener("change", () => {
+        window.location.search = "?model=" + encodeURIComponent(picker.value);
+      });
+    }
+
+    function withModel(url, params) {
+      const query = new URLSearchParams(params || {});
+      if (picker) query.set("model", picker.value);
+      const text = query.toString();
+      return text ? url + "?" + text : url;
+    }
     let inFlight = 0;
 
     function setBusy(busy, message) {
@@ -119,7 +133,7 @@
           body.append("file", await fitForFeedback(file), file.name || "pasted.png");
           body.append("label", name);
           body.append("predicted", predicted);
-          const response = await fetch(feedbackApi, { method: "POST", body });
+          const response = await fetch(withModel(feedbackApi), { method: "POST", body });
           const payload = await response.json().catch(() => null);
           if (response.ok) {
             said.textContent = "Thank you: saved as “" + payload.label + "”.";
@@ -182,7 +196,7 @@
       const body = new FormData();
       body.append("file", file, file.name || "pasted.png");
       try {
-        const url = explainBox && explainBox.checked ? api + "?explain=1" : api;
+        const url = withModel(api, explainBox && explainBox.checked ? { explain: "1" } : {});
         const response = await fetch(url, { method: "POST", body });
         let payload = null;
         try {
