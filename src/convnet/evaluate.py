@@ -90,9 +90,11 @@ def load_predictor(model: str | os.PathLike | None = None, backend: str = "onnx"
 
 def keras_predictor(model, labels: list[str], vdir: Path) -> Predictor:
     """Wrap an in-memory Keras model (uint8 pixels -> probabilities)."""
+    import keras  # convert_to_numpy: a torch output that requires grad has no __array__
+
     size = modeldir.version_image_size(Path(vdir), model.input_shape, modeldir.KERAS_FILE)
     return Predictor(Path(vdir), labels, "keras", size,
-                     lambda x: np.asarray(model(x, training=False)))
+                     lambda x: keras.ops.convert_to_numpy(model(x, training=False)))
 
 
 def accuracy_report(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
