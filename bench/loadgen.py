@@ -14,6 +14,7 @@ import asyncio
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,6 +79,7 @@ class Phase:
     latencies: list[float] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)  # "HTTP 503", "ConnectionResetError"...
     client_cpu: float = 0.0  # CPU seconds this process spent after the warm-up
+    server_cpu: float | None = None  # CPU seconds the server spent meanwhile, if measured
 
     @property
     def ok(self) -> int:
@@ -97,6 +99,10 @@ class Phase:
             "errors": sum(self.errors.values()),
             "error_kinds": dict(self.errors),
             "client_cpu_percent": 100 * self.client_cpu / max(self.elapsed, 1e-9),
+            # Robust to other jobs on the machine, unlike requests/s: what one request costs.
+            "server_cpu_ms_per_request": (
+                1000 * self.server_cpu / max(self.ok + sum(self.errors.values()), 1)
+                if self.server_cpu is not None else None),
         }
 
 
@@ -146,17 +152,22 @@ async def _connection(host, port, payloads, offset, measure_from, stop_at, phase
 
 async def run_phase(host: str, port: int, payloads: list[bytes], *, concurrency: int,
                     duration: float, warmup: float = 2.0, images_per_request: int = 1,
-                    check=lambda body: b'"label"' in body) -> Phase:
-    """Drive the server for warmup + duration seconds; count what started after the warm-up."""
+                    check=lambda body: b'"label"' in body,
+                    server_cpu: Callable[[], float] | None = None) -> Phase:
+    """Drive the server for warmup + duration seconds; count what started after the warm-up.
+    server_cpu: returns the server's CPU seconds so far, read after the warm-up and at the end."""
     phase = Phase(concurrency, images_per_request)
     measure_from = time.perf_counter() + warmup
     stop_at = measure_from + duration
     ends: list[float] = []
     cpu_at_start: list[float] = []
+    server_at_start: list[float] = []
 
     async def note_cpu() -> None:
         await asyncio.sleep(warmup)
         cpu_at_start.append(time.process_time())
+        if server_cpu is not None:
+            server_at_start.append(server_cpu())
 
     step = max(1, len(payloads) // concurrency)  # connections start at different payloads
     await asyncio.gather(note_cpu(), *(
@@ -165,4 +176,6 @@ async def run_phase(host: str, port: int, payloads: list[bytes], *, concurrency:
     ))
     phase.elapsed = (max(ends) if ends else time.perf_counter()) - measure_from
     phase.client_cpu = time.process_time() - cpu_at_start[0]
+    if server_cpu is not None:
+        phase.server_cpu = server_cpu() - server_at_start[0]
     return phase

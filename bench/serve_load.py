@@ -2,7 +2,8 @@
 
 Drives POST .../predict with real CIFAR-10 test JPEGs (32x32) and the same images upscaled to
 512x512 photos in memory, at each concurrency for a fixed time, one server at a time, and writes
-a Markdown table (plus JSON) of requests/s, images/s, p50/p95/p99 latency and errors:
+a Markdown table (plus JSON) of requests/s, images/s, p50/p95/p99 latency, errors and the
+servers' own CPU time per request (Linux /proc; it holds when other jobs share the machine):
 
     onnx      ONNX Runtime alone, batches of 64 decoded images, one process: the ceiling
     convnet   `convnet serve --precision float` (gunicorn, micro-batching), options below apply
@@ -64,6 +65,7 @@ SAMPLE_IMAGES = 256  # distinct CIFAR test images cycled through
 LARGE_SIDE = 512  # pixels: the "photo" variant
 LARGE_IMAGES = 64  # distinct 512x512 images (each about 40 kB)
 CEILING_BATCH = 64  # images per ONNX Runtime call for the ceiling
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # per CPU second
 
 
 @dataclass
@@ -229,6 +231,20 @@ def describe_convnet(args) -> str:
             f"thread(s) per worker, model {args.model_root}")
 
 
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) that process `pid` and all its descendants have used so far,
+    from Linux's /proc (0 elsewhere); a process that ends meanwhile drops out of the sum."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (of all its threads)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+    return total / CLOCK_TICKS
+
+
 def http_get(target: Target, path: str, timeout: float = 5) -> tuple[int, bytes]:
     url = f"http://{target.host}:{target.port}{path}"
     try:
@@ -260,7 +276,7 @@ def running(target: Target, log_dir: Path):
             if time.monotonic() > deadline:
                 raise SystemExit(f"{target.name} not ready after {READY_TIMEOUT} s")
             time.sleep(0.5)
-        yield
+        yield process
     finally:
         if process is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -285,8 +301,10 @@ def batch_stats(target: Target) -> tuple[float, float] | None:
     return None
 
 
-def run_target(target: Target, args, image_sets: dict[str, list[bytes]]) -> list[dict]:
+def run_target(target: Target, args, image_sets: dict[str, list[bytes]],
+               process: subprocess.Popen | None = None) -> list[dict]:
     rows = []
+    server_cpu = (lambda: process_tree_cpu(process.pid)) if process is not None else None
     per = args.images_per_request
     for size, images in image_sets.items():
         groups = [images[i : i + per] for i in range(0, len(images) - per + 1, per)]
@@ -296,7 +314,8 @@ def run_target(target: Target, args, image_sets: dict[str, list[bytes]]) -> list
             before = batch_stats(target)
             phase = asyncio.run(run_phase(target.host, target.port, payloads,
                                           concurrency=concurrency, duration=args.duration,
-                                          warmup=args.warmup, images_per_request=per))
+                                          warmup=args.warmup, images_per_request=per,
+                                          server_cpu=server_cpu))
             after = batch_stats(target)
             row = {"target": target.name, "images": size, **phase.summary()}
             if before and after and after[1] > before[1]:
@@ -307,16 +326,17 @@ def run_target(target: Target, args, image_sets: dict[str, list[bytes]]) -> list
 
 
 TABLE_HEAD = ("| server | images | concurrency | requests/s | images/s | p50 ms | p95 ms | "
-              "p99 ms | errors | images per inference call | client CPU % |\n"
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "p99 ms | errors | images per inference call | server CPU ms/request | "
+              "client CPU % |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(row: dict) -> str:
     batch = f"{row['mean_batch']:.1f}" if "mean_batch" in row else "-"
+    server = row.get("server_cpu_ms_per_request")
     return (f"| {row['target']} | {row['images']} | {row['concurrency']} | "
             f"{row['requests_per_s']:.1f} | {row['images_per_s']:.1f} | {row['p50_ms']:.1f} | "
             f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} | {batch} | "
-            f"{row['client_cpu_percent']:.0f} |")
+            f"{'-' if server is None else f'{server:.2f}'} | {row['client_cpu_percent']:.0f} |")
 
 
 def median_rows(runs: list[dict]) -> list[dict]:
@@ -392,6 +412,8 @@ def write_report(out: Path, args, targets, version_dir, ceiling, rows, checks, r
         f"{args.images_per_request} image(s) per multipart request, a random boundary each; "
         f"{args.rounds} round(s) of every server, interleaved, each row the median round by "
         "requests/s",
+        "- server CPU ms/request: CPU time (user + system) of the server's processes during the "
+        "row, per request answered; unlike requests/s it holds when other jobs share the machine",
         "- client CPU %: the load generator's own CPU use (it shares the machine)",
         "", "Servers:", *(f"- {t.name}: {t.description}" for t in targets), "",
     ]
@@ -479,9 +501,9 @@ def main(argv=None) -> None:
         print(TABLE_HEAD, flush=True)
         for round_number in range(1, args.rounds + 1):
             for target in targets:
-                with running(target, Path(tmp)):
+                with running(target, Path(tmp)) as process:
                     runs += [{**row, "round": round_number}
-                             for row in run_target(target, args, image_sets)]
+                             for row in run_target(target, args, image_sets, process)]
     rows = median_rows(runs)
     if args.rounds > 1:
         print(f"\nmedian of {args.rounds} rounds:\n{TABLE_HEAD}\n"

@@ -1,17 +1,21 @@
-"""Where a serving request's CPU goes, part by part, in one process: prints two tables.
+"""Where a serving request's CPU goes, part by part, in one process: prints three tables.
 
-    python bench/serve_parts.py [--model VERSION_DIR] [--bodies 3000]
+    python bench/serve_parts.py [--model MODEL_DIR] [--bodies 3000]
 
 1. ONNX Runtime on one thread, by batch size: how much micro-batching can buy.
 2. Parsing one multipart upload (an 833-byte-class CIFAR-sized JPEG, a random boundary per body,
    as browsers and HTTP libraries send): Werkzeug's form parser against the `multipart` package's
    push parser that convnet.serve.uploads uses.
+3. The Flask app alone: POST /api/v1/predict with such an upload, through the app's WSGI callable
+   (no HTTP server), its inference replaced by a stored answer: what a request costs in Python
+   besides ONNX Runtime and gunicorn (routing, hooks, parsing, decoding, JSON, metrics, access log).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import time
 import uuid
 from pathlib import Path
@@ -21,8 +25,11 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 from werkzeug.formparser import MultiPartParser
+from werkzeug.test import EnvironBuilder
 
-BUNDLED = Path(__file__).resolve().parents[1] / "src/convnet/bundled/cifar10/1"
+from convnet.imaging import decode_image
+from convnet.modeldir import resolve_version
+from convnet.serve import create_app
 
 
 def onnx_table(version_dir: Path) -> None:
@@ -80,13 +87,55 @@ def multipart_table(count: int) -> None:
         print(f"| {name} | {(time.perf_counter() - started) / count * 1e6:.1f} |")
 
 
+def app_table(version_dir: Path, count: int) -> None:
+    samples = bodies(count)
+    app = create_app({"MODEL_DIR": str(version_dir), "RELOAD_INTERVAL": 0, "PRECISION": "float",
+                      "BATCH_MAX_SIZE": 1,  # no batching thread: one thread does everything
+                      "ACCESS_LOG": os.devnull, "FEEDBACK_DB": ""})
+    model = app.extensions["convnet.registry"].served.default.current
+    answer = model.predict(decode_image(samples[0][2], size=model.input_size)[None])  # (1, C+)
+    app.extensions["convnet.batchers"].make_infer = (
+        lambda _: lambda pixels: np.repeat(answer, len(pixels), axis=0))
+    environs = [EnvironBuilder(path="/api/v1/predict", method="POST", data=body,
+                               content_type=f"multipart/form-data; boundary={boundary}",
+                               headers={"Accept": "application/json"}).get_environ()
+                for boundary, body, _ in samples]
+
+    def start_response(status, headers, exc_info=None):
+        assert status.startswith("200"), status
+
+    def run_all() -> float:
+        started = time.process_time()
+        for environ in environs:
+            b"".join(app(dict(environ, **{"wsgi.input": io.BytesIO(environ["wsgi.input"]
+                                                                   .getvalue())}),
+                         start_response))
+        return (time.process_time() - started) / count
+
+    def decode_all() -> float:
+        started = time.process_time()
+        for _, _, jpeg in samples:
+            decode_image(jpeg, size=model.input_size)
+        return (time.process_time() - started) / count
+
+    run_all()  # warm-up
+    whole, decoding = min(run_all() for _ in range(3)), min(decode_all() for _ in range(3))
+    print(f"\n| Flask app, per request ({count} requests, best of 3, CPU time) | us |\n"
+          "| --- | ---: |\n"
+          f"| POST /api/v1/predict, one multipart JPEG in, JSON out, inference stubbed | "
+          f"{whole * 1e6:.0f} |\n| of which decode_image (32x32 JPEG) | {decoding * 1e6:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=BUNDLED, help="version folder")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model root or version folder (default: the bundled model)")
     parser.add_argument("--bodies", type=int, default=3000)
     args = parser.parse_args()
-    onnx_table(args.model)
+    version_dir = resolve_version(args.model)
+    onnx_table(version_dir)
     multipart_table(args.bodies)
+    app_table(version_dir, args.bodies)
 
 
 if __name__ == "__main__":

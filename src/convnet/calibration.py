@@ -24,6 +24,7 @@ This module needs numpy only (the server imports it); fitting uses scipy, import
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -110,16 +111,24 @@ class UnsureRule:
         reference = np.quantile(scores_of_correct, np.linspace(0, 1, 101))
         return cls(score, output, flag_rate, tuple(float(v) for v in reference))
 
-    @property
+    # Computed once per rule rather than per request: the server asks for them on every answer.
+    @cached_property
+    def _levels(self) -> np.ndarray:
+        """The quantile level of each reference value: 0, 0.01, ..., 1."""
+        return np.linspace(0, 1, len(self.reference))
+
+    @cached_property
+    def _reference(self) -> np.ndarray:
+        return np.asarray(self.reference, dtype=np.float64)
+
+    @cached_property
     def threshold(self) -> float:
         """Scores above this are unsure: the (1 - flag_rate) quantile of the reference."""
-        return float(np.interp(1 - self.flag_rate, np.linspace(0, 1, len(self.reference)),
-                               self.reference))
+        return float(np.interp(1 - self.flag_rate, self._levels, self._reference))
 
     def confidence(self, scores: np.ndarray) -> np.ndarray:
         """1 - the quantile of each score among the correct validation answers, in [0, 1]."""
-        quantile = np.interp(scores, self.reference, np.linspace(0, 1, len(self.reference)))
-        return 1.0 - quantile
+        return 1.0 - np.interp(scores, self._reference, self._levels)
 
     def unsure(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold

@@ -69,13 +69,13 @@ def request_id() -> str:
     return found
 
 
-def _entry(response: Response) -> dict:
+def _entry(response: Response, rid: str) -> dict:
     started = g.get("convnet_started")  # set by convnet.serve.ops, the first hook of all
     model = g.get("convnet_served")  # set by pipeline.get_model
     now = datetime.datetime.now(datetime.UTC)
     return {
         "time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "request_id": request_id(),
+        "request_id": rid,
         "method": request.method,
         "path": request.path[:MAX_LOGGED_PATH],
         "route": request.url_rule.rule if request.url_rule else None,
@@ -97,10 +97,10 @@ def _begin() -> None:
 
 
 def _finish(response: Response) -> Response:
-    response.headers[REQUEST_ID_HEADER] = request_id()
+    rid = response.headers[REQUEST_ID_HEADER] = request_id()
     log: AccessLog | None = current_app.extensions.get("convnet.access_log")
     if log is not None:
-        log.write(_entry(response))
+        log.write(_entry(response, rid))
     return response
 
 
