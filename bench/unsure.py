@@ -142,6 +142,54 @@ def scorers(train: dict, train_labels: np.ndarray, temperature: float):
     }
 
 
+def measure(model: str | Path | None, data: Path, ood: Path, every: int = 5):
+    """The scores' rows for one calibrated model (see the module's docstring), its table lines
+    and the facts behind them."""
+    vdir = modeldir.resolve_version(model)
+    record = json.loads((vdir / calibration.CALIBRATION_FILE).read_text())
+    classes = modeldir.load_labels(vdir)
+    run = feature_session((vdir / modeldir.ONNX_FILE).read_bytes())
+    size = load_predictor(vdir).input_size
+    splits = load_dataset(data, size=size)  # in the order `convnet calibrate` saw them
+    if splits["test"].classes != classes:
+        raise SystemExit(f"{data}'s classes are not the model's: {classes}")
+    test_x, test_y = splits["test"].images, splits["test"].labels
+    train_x, train_y = splits["train"].images[::every], splits["train"].labels[::every]
+    ood_x, _ = read_images(ood, size)
+    print(f"{len(test_x)} in-distribution test images, {len(train_x)} training images for "
+          f"class statistics, {len(ood_x)} out-of-distribution photos", flush=True)
+
+    fit_idx, report_idx = calibrate.split_for_fitting(test_y, record["fit_fraction"],
+                                                      record["seed"])
+    test, train = run(test_x), run(train_x)
+    ood_out, ood_jpeg = run(ood_x), run(jpeg_round_trip(ood_x))
+    # The calibrated graph's logits output is the raw one: energy reads it as the server does.
+    correct = test["probs"].argmax(1) == test_y
+    rows, table = [], ["| score | AUROC | other images flagged | correct answers flagged | "
+                       f"AUROC after JPEG q75 at {size} px | flagged after it |",
+                       "| --- | --- | --- | --- | --- | --- |"]
+    for name, score in scorers(train, train_y, record["temperature"]).items():
+        s_test, s_ood, s_jpeg = score(test), score(ood_out), score(ood_jpeg)
+        threshold = np.quantile(s_test[fit_idx][correct[fit_idx]], 1 - FLAG_RATE)
+        report = s_test[report_idx]
+        row = {"score": name, "auroc": auroc(report, s_ood),
+               "ood_flagged": float(np.mean(s_ood > threshold)),
+               "correct_flagged": float(np.mean(report[correct[report_idx]] > threshold)),
+               "auroc_jpeg": auroc(report, s_jpeg),
+               "ood_flagged_jpeg": float(np.mean(s_jpeg > threshold))}
+        rows.append(row)
+        table.append(f"| {name} | {row['auroc']:.3f} | {row['ood_flagged']:.1%} | "
+                     f"{row['correct_flagged']:.1%} | {row['auroc_jpeg']:.3f} | "
+                     f"{row['ood_flagged_jpeg']:.1%} |")
+        print(table[-1], flush=True)
+    notes = (f"model: {modeldir.model_name(vdir)} version {modeldir.version_number(vdir)} "
+             f"(temperature {record['temperature']:.4f})",
+             f"in-distribution: {len(report_idx)} test images outside the calibration's fitting "
+             f"half; thresholds from the {len(fit_idx)} of that half",
+             f"out-of-distribution: {len(ood_x)} images from {ood.name}")
+    return rows, table, notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="calibrated model (default: bundled)")
@@ -155,52 +203,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "unsure")
     args = parser.parse_args()
 
-    vdir = modeldir.resolve_version(args.model)
-    record = json.loads((vdir / calibration.CALIBRATION_FILE).read_text())
-    classes = modeldir.load_labels(vdir)
-    model_bytes = (vdir / modeldir.ONNX_FILE).read_bytes()
-    run = feature_session(model_bytes)
-    size = load_predictor(vdir).input_size
-    splits = load_dataset(args.data, size=size)  # in the order `convnet calibrate` saw them
-    if splits["test"].classes != classes:
-        raise SystemExit(f"{args.data}'s classes are not the model's: {classes}")
-    test_x, test_y = splits["test"].images, splits["test"].labels
-    train_x, train_y = (splits["train"].images[::args.every],
-                        splits["train"].labels[::args.every])
-    ood_x, _ = read_images(args.ood, size)
-    print(f"{len(test_x)} in-distribution test images, {len(train_x)} training images for "
-          f"class statistics, {len(ood_x)} out-of-distribution photos", flush=True)
-
-    fit_idx, report_idx = calibrate.split_for_fitting(test_y, record["fit_fraction"],
-                                                      record["seed"])
-    test, train = run(test_x), run(train_x)
-    ood, ood_jpeg = run(ood_x), run(jpeg_round_trip(ood_x))
-    # The calibrated graph's logits output is the raw one: energy reads it as the server does.
-    correct = test["probs"].argmax(1) == test_y
-    rows, table = [], ["| score | AUROC | other images flagged | correct answers flagged | "
-                       f"AUROC after JPEG q75 at {size} px | flagged after it |",
-                       "| --- | --- | --- | --- | --- | --- |"]
-    for name, score in scorers(train, train_y, record["temperature"]).items():
-        s_test, s_ood, s_jpeg = score(test), score(ood), score(ood_jpeg)
-        threshold = np.quantile(s_test[fit_idx][correct[fit_idx]], 1 - FLAG_RATE)
-        report = s_test[report_idx]
-        row = {"score": name, "auroc": auroc(report, s_ood),
-               "ood_flagged": float(np.mean(s_ood > threshold)),
-               "correct_flagged": float(np.mean(report[correct[report_idx]] > threshold)),
-               "auroc_jpeg": auroc(report, s_jpeg),
-               "ood_flagged_jpeg": float(np.mean(s_jpeg > threshold))}
-        rows.append(row)
-        table.append(f"| {name} | {row['auroc']:.3f} | {row['ood_flagged']:.1%} | "
-                     f"{row['correct_flagged']:.1%} | {row['auroc_jpeg']:.3f} | "
-                     f"{row['ood_flagged_jpeg']:.1%} |")
-        print(table[-1], flush=True)
+    rows, table, notes = measure(args.model, args.data, args.ood, args.every)
     text = "\n".join(table)
     print(text)
-    notes = (f"model: {modeldir.model_name(vdir)} version {modeldir.version_number(vdir)} "
-             f"(temperature {record['temperature']:.4f})",
-             f"in-distribution: {len(report_idx)} test images outside the calibration's fitting "
-             f"half; thresholds from the {len(fit_idx)} of that half",
-             f"out-of-distribution: {len(ood_x)} images from {args.ood.name}")
     write_results(args.out, "Unsure: separating images of none of the classes "
                   "(`bench/unsure.py`)", text, {"rows": rows}, notes=notes)
 

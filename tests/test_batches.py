@@ -160,3 +160,27 @@ def test_cutmix_mixes_images_and_targets_by_area():
         if partner_is_other:
             np.testing.assert_allclose(mixed_targets[0], [1 - pasted, pasted], atol=1e-6)
         np.testing.assert_allclose(mixed_targets.sum(1), 1, atol=1e-6)
+
+
+def test_outlier_exposure_appends_flat_targets_to_every_batch():
+    split = noise_split(48)
+    weights = np.array([0.5, 1.0, 2.0], np.float32)
+    batches = Batches(split, TrainConfig(batch_size=16, outliers=0.25), 3, weights=weights)
+    x, y, w = batches[1]
+    assert x.shape == (20, 32, 32, 3) and y.shape == (20, 3) and w.shape == (20,)
+    np.testing.assert_array_equal(y[16:], np.full((4, 3), 1 / 3, np.float32))
+    np.testing.assert_array_equal(w[16:], 1.0)
+    np.testing.assert_array_equal(y[:16].sum(1), 1.0)  # the real images keep their one-hot
+    plain = Batches(split, TrainConfig(batch_size=16), 3, weights=weights)[1]
+    np.testing.assert_array_equal(x[:16], plain[0])  # and are the same images as without
+    assert not {im.tobytes() for im in x[16:]} & {im.tobytes() for im in split.images}
+    np.testing.assert_array_equal(batches[1][0], x)  # the same again: resumable
+
+
+def test_outliers_split_evenly_over_processes():
+    split = noise_split(48)
+    whole = Batches(split, TrainConfig(batch_size=16, outliers=0.25), 3)[0]
+    parts = [Batches(split, TrainConfig(batch_size=16, outliers=0.25), 3, shard=(i, 2))[0]
+             for i in range(2)]
+    assert [len(p[0]) for p in parts] == [10, 10]
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), whole[1])

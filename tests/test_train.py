@@ -216,8 +216,9 @@ def log_rows(version) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def short_run(dataset, tmp_path_factory):
-    """One CLI run with a time limit too short for a second epoch, a validation split and a
-    separate test file of 15 images (the dataset's own test split has 180)."""
+    """One CLI run with a time limit too short for a second epoch, a validation split, a
+    separate test file of 15 images (the dataset's own test split has 180) and outlier
+    exposure."""
     root = tmp_path_factory.mktemp("short")
     write_image_folder(root / "test-src", splits=("test",), per_class=5, num_classes=3, seed=7)
     test_file = tar_folder(root / "test-src", root / "test.tar.gz", "t")
@@ -225,7 +226,7 @@ def short_run(dataset, tmp_path_factory):
     result = CliRunner().invoke(main, [
         "train", "--data", str(dataset), "--test-data", str(test_file), "--out", str(out),
         "--preset", "quick", "--epochs", "3", "--batch-size", "32", "--no-tta",
-        "--time-limit", "0.001", "--val-split", "0.25", "--no-cache"])
+        "--time-limit", "0.001", "--val-split", "0.25", "--no-cache", "--outliers", "0.25"])
     assert result.exit_code == 0, result.output
     return out / "1", result.output
 
@@ -245,6 +246,15 @@ def test_val_split_holds_images_out_and_reports_them_every_epoch(short_run):
     row = log_rows(version)[0]
     assert 0 <= float(row["val_accuracy"]) <= 1 and float(row["val_loss"]) > 0
     assert "val_accuracy" in output
+
+
+def test_outlier_exposure_is_recorded_and_refused_where_it_cannot_run(short_run):
+    version, _ = short_run
+    assert json.loads((version / "config.json").read_text())["outliers"] == 0.25
+    with pytest.raises(training.TrainError, match="--outliers"):
+        training.choose_loop(training.TrainConfig(loop="device", outliers=0.1))
+    result = CliRunner().invoke(main, ["train", "--data", ".", "--outliers", "1.5"])
+    assert result.exit_code == 2 and "--outliers" in result.output
 
 
 def test_test_data_scores_on_that_file(short_run):
@@ -282,8 +292,24 @@ def test_time_limit_stops_at_the_last_epoch_that_fits():
     assert ran == 2  # a third would end at 30 s, past 25
 
 
-def test_bfloat16_precision_computes_in_bfloat16_on_fit_and_publishes_float32(tmp_path):
+def test_bfloat16_on_a_cpu_without_bfloat16_instructions_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(training, "training_on_cpu", lambda: True)
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2", "avx512f", "fma"})
+    with pytest.raises(training.TrainError, match="no bfloat16 instructions.*float32"):
+        training.check_precision("bfloat16")
+    training.check_precision("float32")  # float32 is always fine
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    training.check_precision("bfloat16")
+    monkeypatch.setattr(training, "cpu_flags", lambda: None)  # unknown: not refused
+    training.check_precision("bfloat16")
+
+
+def test_bfloat16_precision_computes_in_bfloat16_on_fit_and_publishes_float32(tmp_path,
+                                                                              monkeypatch):
     from synthetic import make_images
+
+    # the CI machine's CPU may lack bfloat16 instructions; this test is about the policy
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512_bf16"})
 
     images, labels = make_images(64, 3)
     split = training.Split(images, labels, ["a", "b", "c"])

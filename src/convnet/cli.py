@@ -144,6 +144,11 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
                    "(e.g. 0.25); 1: none.")
 @click.option("--cutmix", type=click.FloatRange(0, 1), default=None,
               help="photo: share of batches mixed by CutMix.  [default: 0.5]")
+@click.option("--outliers", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Outlier exposure: add this fraction of a batch of synthetic images of none "
+                   "of the classes (shuffled tiles, rotations, recoloured, zoomed, noise) to "
+                   "every batch, with a flat target, so that 'not sure' flags unfamiliar images "
+                   "more often (e.g. 0.125). Fit loop only.")
 @click.option("--class-weight", type=click.Choice(["auto", "none"]), default="auto",
               show_default=True,
               help="auto: weight the loss by inverse class frequency when the largest class "
@@ -179,7 +184,8 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
                    "--data's train split; its classes must be among --data's.")
 @_fail_clearly
 def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr, seed, val_split,
-          label_smoothing, translate, no_flip, augment, crop_scale, cutmix, class_weight, tta,
+          label_smoothing, translate, no_flip, augment, crop_scale, cutmix, outliers,
+          class_weight, tta,
           tensorboard, time_limit, data_parallel, distributed, loop, precision, resume, dry_run,
           no_cache, extra):
     """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics).
@@ -231,7 +237,7 @@ def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr,
         data=str(data_path) + (f" + {extra}" if extra else ""), time_limit=time_limit,
         data_parallel=data_parallel or distributed,
         loop=loop, precision=precision, image_size=size, augment=augment,
-        crop_scale=crop_scale, cutmix=cutmix, class_weight=class_weight,
+        crop_scale=crop_scale, cutmix=cutmix, class_weight=class_weight, outliers=outliers,
     )
     if lr is not None:
         cfg.lr = lr

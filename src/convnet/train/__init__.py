@@ -62,6 +62,51 @@ log = logging.getLogger(__name__)
 IMBALANCE_RATIO = 2.0
 
 
+# CPU flags of instructions that compute in bfloat16 (x86: AVX-512 BF16, AMX; Arm: BF16)
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where it cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip().lower()
+            if key in ("flags", "features"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def training_on_cpu() -> bool:
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.config.list_physical_devices("GPU")
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "torch":
+        import torch
+
+        return not torch.cuda.is_available()
+    return False
+
+
+def check_precision(precision: str) -> None:
+    """bfloat16 on a CPU that has no bfloat16 instructions would be emulated, slower than
+    float32: refuse it by name (a CPU whose flags cannot be read gets the benefit of doubt)."""
+    if precision != "bfloat16" or not training_on_cpu():
+        return
+    flags = cpu_flags()
+    if flags is not None and not flags & BF16_FLAGS:
+        raise TrainError("--precision bfloat16: this CPU has no bfloat16 instructions "
+                         f"({' or '.join(sorted(BF16_FLAGS))}), so it would run emulated and "
+                         "slower than float32; use --precision float32")
+
+
 def split_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
     """Hold out `fraction` of each class (stratified; at least one image of a class stays in
     training), images in their original order."""
@@ -133,7 +178,7 @@ def choose_loop(cfg: TrainConfig, *, resume: bool = False, tensorboard: str | No
         ("--tensorboard", tensorboard), ("--val-split", cfg.val_split),
         (f"--image-size {cfg.image_size} (it trains at 32 px only)",
          cfg.image_size not in (None, 32)),
-        ("--augment photo", cfg.augment == "photo"),
+        ("--augment photo", cfg.augment == "photo"), ("--outliers", cfg.outliers),
         ("class weights (--class-weight none turns them off)", weighted)) if present]
     if not blockers:
         return "device"
@@ -159,6 +204,9 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     if cfg.precision not in PRECISIONS:
         raise TrainError(f"unknown precision {cfg.precision!r}: choose one of "
                          f"{', '.join(PRECISIONS)}")
+    check_precision(cfg.precision)
+    if not 0 <= cfg.outliers <= 1:
+        raise TrainError(f"--outliers is a fraction of the batch, from 0 to 1; got {cfg.outliers}")
     cfg = with_augmentation(replace(cfg, image_size=_image_size(cfg, train_split, test_split)))
     fit_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
     weights = class_weights(cfg.class_weight, fit_split)

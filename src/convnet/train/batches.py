@@ -9,7 +9,7 @@ from dataclasses import replace
 import keras
 import numpy as np
 
-from convnet import augment
+from convnet import augment, outliers
 from convnet.data import Split
 from convnet.train.config import TrainConfig, with_augmentation
 
@@ -26,7 +26,9 @@ class Batches(keras.utils.PyDataset):
 
     Each epoch's order and augmentation come from the seed and the epoch (and the batch), so a
     resumed run sees the same data as an uninterrupted one. `weights` (per class) adds each
-    image's loss weight to its batch. `shard` (i, n): keep the i-th of n equal slices of every
+    image's loss weight to its batch. cfg.outliers F appends round(F x batch) synthetic outliers
+    (convnet.outliers, made from the batch's images) with the flat target 1/K to every batch:
+    outlier exposure. `shard` (i, n): keep the i-th of n equal slices of every
     batch, for process i of n in multi-host training (train.multihost).
 
     Endless: batch i belongs to epoch first_epoch + i // steps_per_epoch, and fit() is given
@@ -46,6 +48,9 @@ class Batches(keras.utils.PyDataset):
         self.weights = weights
         self.shard = shard
         self.steps_per_epoch = len(split) // self.batch_size  # drop the ragged last batch
+        # A multiple of the shard count, so every process gets its equal slice of them too.
+        self.outlier_count = int(round(cfg.outliers * self.batch_size)) // shard[1] * shard[1]
+        self.rows = self.batch_size + self.outlier_count
         self.per_batch = cfg.augment == "photo"
         self.base = split.images
         if cfg.flip and not self.per_batch:
@@ -86,7 +91,7 @@ class Batches(keras.utils.PyDataset):
         (gdb: RootDataset::Iterator's destructor waiting on Model::OptimizeLoop)."""
         import tensorflow as tf
 
-        size = self.batch_size
+        size = self.rows
         signature = [tf.TensorSpec((size, *self.split.images.shape[1:]), tf.uint8),
                      tf.TensorSpec((size, self.num_classes), tf.float32)]
         if self.weights is not None:
@@ -107,12 +112,23 @@ class Batches(keras.utils.PyDataset):
         y = np.eye(self.num_classes, dtype="float32")[labels]
         if self.per_batch:
             x, y = self._photo_batch(x, y, i)
-        batch = (x, y) if self.weights is None else (x, y, self.weights[labels])
+        weights = None if self.weights is None else self.weights[labels]
+        if self.outlier_count:
+            x, y, weights = self._with_outliers(x, y, weights, i)
+        batch = (x, y) if weights is None else (x, y, weights)
         index, count = self.shard
         if count == 1:
             return batch
-        rows = slice(index * self.batch_size // count, (index + 1) * self.batch_size // count)
+        rows = slice(index * self.rows // count, (index + 1) * self.rows // count)
         return tuple(part[rows] for part in batch)
+
+    def _with_outliers(self, x: np.ndarray, y: np.ndarray, weights: np.ndarray | None, i: int):
+        rng = np.random.default_rng([self.cfg.seed, 2, self.epoch, i])
+        made = outliers.synthetic(x, self.outlier_count, rng)
+        flat = np.full((len(made), self.num_classes), 1 / self.num_classes, dtype=y.dtype)
+        if weights is not None:
+            weights = np.concatenate([weights, np.ones(len(made), dtype=weights.dtype)])
+        return np.concatenate([x, made]), np.concatenate([y, flat]), weights
 
     def crop_scale(self, epoch: int) -> float:
         """The smallest crop this epoch: cfg.crop_scale, moving linearly to cfg.crop_scale_end

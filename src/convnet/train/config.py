@@ -24,6 +24,7 @@ class TrainConfig:
     crop_scale: float = 1.0  # photo: smallest random resized crop, fraction of the area...
     crop_scale_end: float | None = None  # ...growing linearly to this by the last epoch
     cutmix: float | None = None  # photo: share of batches mixed by CutMix; None: PHOTO_CUTMIX
+    outliers: float = 0.0  # synthetic outliers added to each batch, a fraction of its size
     class_weight: str = "auto"  # "auto": weight classes by inverse frequency if imbalanced
     warmup: float = 0.23  # fraction of steps to reach the peak learning rate
     lr_start: float = 0.2  # learning rate at the first step, as a fraction of the peak
