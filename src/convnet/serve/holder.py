@@ -52,6 +52,36 @@ def fingerprint(version_dir: Path) -> Fingerprint:
     return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in entries))
 
 
+class Poller:
+    """A daemon thread calling `poll` every `interval` seconds until stop(); a poll that raises
+    is logged and the thread goes on, or reloading would stop silently. interval 0: no thread."""
+
+    def __init__(self, poll: Callable[[], object], interval: float, name: str):
+        self.poll, self.interval, self.name = poll, interval, name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread (idempotent; a no-op when the interval is 0)."""
+        if self.interval <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+            except Exception:  # the thread must outlive any surprise
+                log.exception("%s: poll failed", self.name)
+
+
 class ModelHolder:
     """Owns the served `LoadedModel`.
 
@@ -89,8 +119,7 @@ class ModelHolder:
         self.refusals: dict[int, Refusal] = {}
         self._pending: dict[int, Fingerprint] = {}  # versions seen once, waiting to settle
         self._poll_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = Poller(self.poll, reload_interval, "convnet-model-reload")
 
     @property
     def current(self) -> LoadedModel | None:
@@ -230,20 +259,7 @@ class ModelHolder:
 
     def start(self) -> None:
         """Start the polling thread (idempotent; a no-op when reloading is disabled)."""
-        if self.reload_interval <= 0 or self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="convnet-model-reload", daemon=True)
-        self._thread.start()
+        self._poller.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.reload_interval):
-            try:
-                self.poll()
-            except Exception:  # the thread must outlive any surprise, or reloading stops silently
-                log.exception("model reload poll failed")
+        self._poller.stop()

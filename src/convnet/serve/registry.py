@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from convnet.serve.holder import ModelHolder, Refusal
+from convnet.serve.holder import ModelHolder, Poller, Refusal
 from convnet.serve.model import LoadedModel
 from convnet.serve.models_config import ConfigError, ModelsConfig, ModelSpec, read_config
 
@@ -93,8 +92,7 @@ class ModelRegistry:
         self._primary = config.models[0].name  # whose loads set convnet_model_version
         self._stamp: Stamp = None
         self.config_error: str | None = None  # why the last reload was refused; None if none
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._poller = Poller(self.poll_config, reload_interval, "convnet-config-reload")
 
     @property
     def served(self) -> Served:
@@ -181,24 +179,11 @@ class ModelRegistry:
         """Start every holder's polling thread, and this one's for the config file."""
         for holder in self.served.holders.values():
             holder.start()
-        if (self.reload_interval > 0 and self.served.config.path is not None
-                and self._thread is None):
-            self._thread = threading.Thread(target=self._run, name="convnet-config-reload",
-                                            daemon=True)
-            self._thread.start()
+        if self.served.config.path is not None:
+            self._poller.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._poller.stop()
         if self._served is not None:
             for holder in self._served.holders.values():
                 holder.stop()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.reload_interval):
-            try:
-                self.poll_config()
-            except Exception:  # the thread must outlive any surprise
-                log.exception("model config poll failed")
