@@ -13,10 +13,11 @@ from synthetic import write_cifar_batches
 from convnet.cli import main
 
 
-def run_cli(*args, cwd) -> subprocess.CompletedProcess:
+def run_cli(*args, cwd, **extra_env) -> subprocess.CompletedProcess:
     """`python -m convnet ARGS` in a fresh process, with TensorFlow's log level left to us."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["CONVNET_CACHE_DIR"] = str(cwd / "cache")
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "convnet", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -34,6 +35,16 @@ def test_a_refused_pickle_is_one_line_on_stderr(tmp_path):
     assert proc.stderr.splitlines() == [proc.stderr.strip()], proc.stderr
     assert proc.stderr.startswith("Error: ") and "data_batch_2" in proc.stderr
     assert "forbidden global" in proc.stderr
+
+
+def test_an_unknown_keras_backend_is_one_line_naming_the_choices(tmp_path):
+    folder = write_cifar_batches(tmp_path / "cifar", per_batch=4)
+    result = run_cli("train", "--data", str(folder), "--out", str(tmp_path / "out"),
+                     "--dry-run", cwd=tmp_path, KERAS_BACKEND="tensorflw")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("Error: KERAS_BACKEND=tensorflw is not a backend convnet "
+                                      "supports: choose tensorflow, jax, torch (tensorflow when "
+                                      "unset)")
 
 
 def test_an_error_after_tensorflow_loaded_is_still_one_line(tmp_path):

@@ -75,11 +75,19 @@ def _fd2_to_devnull():
         os.close(devnull)
 
 
+# Keras backends that can train (numpy and openvino only infer)
+TRAINING_BACKENDS = ("tensorflow", "jax", "torch")
+
+
 def _import_keras() -> None:
     """Import Keras and its backend now. TensorFlow's native code prints a few notices while it
     loads (oneDNN, absl's "before InitializeLog") straight to file descriptor 2, some whatever
     TF_CPP_MIN_LOG_LEVEL says; unless -v they go to /dev/null for the length of the import. A
     failed import still raises, with its traceback, once stderr is back."""
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    if "keras" not in sys.modules and backend not in TRAINING_BACKENDS:
+        raise CliError(f"KERAS_BACKEND={backend} is not a backend convnet supports: choose "
+                       f"{', '.join(TRAINING_BACKENDS)} (tensorflow when unset)")
     ctx = click.get_current_context(silent=True)
     verbose = bool(ctx and ctx.find_root().obj and ctx.find_root().obj.get("verbose"))
     if verbose or "keras" in sys.modules:
