@@ -27,9 +27,10 @@ from unsure import SHARED, measure
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(data: Path, preset: str, seed: int, fraction: float, out: Path) -> Path:
+def train(data: Path, preset: str, seed: int, fraction: float, out: Path,
+          extra: list[str]) -> Path:
     command = [str(Path(sys.executable).parent / "convnet"), "train", "--data", str(data),
-               "--preset", preset, "--seed", str(seed), "--out", str(out)]
+               "--preset", preset, "--seed", str(seed), "--out", str(out), *extra]
     if fraction:
         command += ["--outliers", str(fraction)]
     print("$ " + " ".join(command), flush=True)
@@ -44,6 +45,12 @@ def main() -> None:
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--fraction", type=float, default=0.125)
     parser.add_argument("--seeds", default="0", help="comma-separated")
+    parser.add_argument("--train-args", default="",
+                        help="more `convnet train` options for both arms, e.g. "
+                             "'--precision bfloat16 --epochs 9'")
+    parser.add_argument("--plain", type=Path, default=None,
+                        help="an existing version trained by the plain arm's exact command "
+                             "(one seed): scored instead of trained again")
     parser.add_argument("--work", type=Path, default=None,
                         help="where the models go (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=RESULTS / "outlier_exposure")
@@ -56,8 +63,11 @@ def main() -> None:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for seed in (int(s) for s in args.seeds.split(",")):
         for fraction in (0.0, args.fraction):
-            vdir = train(args.data, args.preset, seed, fraction,
-                         work / f"seed{seed}-outliers{fraction:g}")
+            if fraction == 0 and args.plain is not None:
+                vdir = args.plain
+            else:
+                vdir = train(args.data, args.preset, seed, fraction,
+                             work / f"seed{seed}-outliers{fraction:g}", args.train_args.split())
             accuracy = json.loads((vdir / "metrics.json").read_text())["accuracy"]
             scores, _, _ = measure(vdir, args.data, args.ood)
             energy = next(r for r in scores if r["score"] == "energy")
@@ -69,7 +79,9 @@ def main() -> None:
             print(table[-1], flush=True)
     text = "\n".join(table)
     print(text)
-    notes = (f"preset {args.preset}, trained on {args.data} (train), scored on its test split",
+    notes = (f"preset {args.preset} {args.train_args}, trained on {args.data} (train), scored on "
+             "its test split" + (f"; the plain arm is {args.plain}, made by the same command"
+                                 if args.plain else ""),
              f"out-of-distribution: {args.ood}",
              "outliers: the fraction of each batch added as synthetic outliers (0 = the plain "
              "command)")
