@@ -17,6 +17,33 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def stream_child(name: str, command: list[str], env: dict, cwd: Path,
+                 timeout: float) -> dict | None:
+    """Run a benchmark child process, echoing its output indented (without TensorFlow's and
+    absl's start-up lines) and returning the JSON of its `RESULT ` line; killed after
+    `timeout` seconds."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    result, deadline = None, time.time() + timeout
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+        elif line.strip() and not line.startswith(("W0000", "I0000", "WARNING: All log")):
+            print("  " + line.rstrip(), flush=True)
+        if time.time() > deadline:
+            proc.kill()
+            print(f"  {name}: killed after {timeout:.0f} s", flush=True)
+            break
+    proc.wait()
+    if proc.returncode:
+        print(f"  {name} exited with {proc.returncode}", flush=True)
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

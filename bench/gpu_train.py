@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import stream_child
+
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL_NAMES = ("keras", "namex", "optree", "airbench")
 
@@ -139,23 +141,7 @@ print("RESULT " + json.dumps({"device": str(jax.devices()[0]), "jax": jax.__vers
 def run_worker(name: str, code: str, args: list[str], env: dict, cwd: Path,
                timeout: float) -> dict | None:
     print(f"--- {name}", flush=True)
-    proc = subprocess.Popen([sys.executable, "-u", "-c", code, *args], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    result = None
-    deadline = time.time() + timeout
-    for line in proc.stdout:
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-        elif not line.startswith(("W0000", "I0000")):
-            print("  " + line.rstrip(), flush=True)
-        if time.time() > deadline:
-            proc.kill()
-            print(f"  {name}: killed after {timeout:.0f} s", flush=True)
-            break
-    proc.wait()
-    if proc.returncode:
-        print(f"  {name} exited with {proc.returncode}", flush=True)
-    return result
+    return stream_child(name, [sys.executable, "-u", "-c", code, *args], env, cwd, timeout)
 
 
 def run_cli(data: Path, work: Path, env: dict, epochs: float, preset: str, limit: int | None,

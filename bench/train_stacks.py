@@ -67,7 +67,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, stream_child, write_results  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 TORCH_PYTHON = ROOT / "bench" / ".venv-torch" / "bin" / "python"
@@ -206,24 +206,8 @@ def worker_peak(args) -> dict:
 
 def run_child(name: str, python: Path, argv: list[str], env: dict, timeout: float) -> dict | None:
     print(f"--- {name}: {python.relative_to(ROOT)} {' '.join(argv)}", flush=True)
-    proc = subprocess.Popen([str(python), "-u", str(Path(__file__).resolve()), *argv], env=env,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    result, deadline = None, time.time() + timeout
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-        elif line.strip() and not line.startswith(("W0000", "I0000", "WARNING: All log")):
-            print("  " + line.rstrip(), flush=True)
-        if time.time() > deadline:
-            proc.kill()
-            print(f"  {name}: killed after {timeout:.0f} s", flush=True)
-            break
-    proc.wait()
-    if proc.returncode:
-        print(f"  {name} exited with {proc.returncode}", flush=True)
-    return result
+    return stream_child(name, [str(python), "-u", str(Path(__file__).resolve()), *argv], env,
+                        ROOT, timeout)
 
 
 def clock_ghz() -> float | None:

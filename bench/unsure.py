@@ -142,6 +142,20 @@ def scorers(train: dict, train_labels: np.ndarray, temperature: float):
     }
 
 
+def score_row(name: str, inside: np.ndarray, inside_correct: np.ndarray, ood: np.ndarray,
+              ood_jpeg: np.ndarray, threshold: float) -> tuple[dict, str]:
+    """One score's figures (in-distribution scores, those of its correct answers, the other
+    images' before and after the JPEG round trip) and its table line."""
+    row = {"score": name, "auroc": auroc(inside, ood),
+           "ood_flagged": float(np.mean(ood > threshold)),
+           "correct_flagged": float(np.mean(inside_correct > threshold)),
+           "auroc_jpeg": auroc(inside, ood_jpeg),
+           "ood_flagged_jpeg": float(np.mean(ood_jpeg > threshold))}
+    return row, (f"| {name} | {row['auroc']:.3f} | {row['ood_flagged']:.1%} | "
+                 f"{row['correct_flagged']:.1%} | {row['auroc_jpeg']:.3f} | "
+                 f"{row['ood_flagged_jpeg']:.1%} |")
+
+
 def measure(model: str | Path | None, data: Path, ood: Path, every: int = 5):
     """The scores' rows for one calibrated model (see the module's docstring), its table lines
     and the facts behind them."""
@@ -172,16 +186,11 @@ def measure(model: str | Path | None, data: Path, ood: Path, every: int = 5):
         s_test, s_ood, s_jpeg = score(test), score(ood_out), score(ood_jpeg)
         threshold = np.quantile(s_test[fit_idx][correct[fit_idx]], 1 - FLAG_RATE)
         report = s_test[report_idx]
-        row = {"score": name, "auroc": auroc(report, s_ood),
-               "ood_flagged": float(np.mean(s_ood > threshold)),
-               "correct_flagged": float(np.mean(report[correct[report_idx]] > threshold)),
-               "auroc_jpeg": auroc(report, s_jpeg),
-               "ood_flagged_jpeg": float(np.mean(s_jpeg > threshold))}
+        row, line = score_row(name, report, report[correct[report_idx]], s_ood, s_jpeg,
+                              threshold)
         rows.append(row)
-        table.append(f"| {name} | {row['auroc']:.3f} | {row['ood_flagged']:.1%} | "
-                     f"{row['correct_flagged']:.1%} | {row['auroc_jpeg']:.3f} | "
-                     f"{row['ood_flagged_jpeg']:.1%} |")
-        print(table[-1], flush=True)
+        table.append(line)
+        print(line, flush=True)
     notes = (f"model: {modeldir.model_name(vdir)} version {modeldir.version_number(vdir)} "
              f"(temperature {record['temperature']:.4f})",
              f"in-distribution: {len(report_idx)} test images outside the calibration's fitting "

@@ -30,7 +30,7 @@ import onnxruntime as ort
 from common import RESULTS, write_results
 from onnx import helper, numpy_helper
 from PIL import Image
-from unsure import SHARED, auroc, jpeg_round_trip, read_images
+from unsure import SHARED, jpeg_round_trip, read_images, score_row
 
 from convnet import modeldir
 from convnet.calibration import logsumexp
@@ -193,16 +193,10 @@ def main() -> None:
     for name, score in scores.items():
         s_test, s_ood, s_jpeg = score(test), score(ood), score(ood_jpeg)
         threshold = np.quantile(s_test[correct], 0.95)
-        row = {"score": name, "auroc": auroc(s_test, s_ood),
-               "ood_flagged": float(np.mean(s_ood > threshold)),
-               "correct_flagged": float(np.mean(s_test[correct] > threshold)),
-               "auroc_jpeg": auroc(s_test, s_jpeg),
-               "ood_flagged_jpeg": float(np.mean(s_jpeg > threshold))}
+        row, line = score_row(name, s_test, s_test[correct], s_ood, s_jpeg, threshold)
         rows.append(row)
-        table.append(f"| {name} | {row['auroc']:.3f} | {row['ood_flagged']:.1%} | "
-                     f"{row['correct_flagged']:.1%} | {row['auroc_jpeg']:.3f} | "
-                     f"{row['ood_flagged_jpeg']:.1%} |")
-        print(table[-1], flush=True)
+        table.append(line)
+        print(line, flush=True)
     notes = (f"model: {modeldir.model_name(vdir)} version {modeldir.version_number(vdir)}",
              "in-distribution: the 5,000 test images (threshold at 5% of the correct ones, "
              "so the 'correct answers flagged' column is 5% by construction)",

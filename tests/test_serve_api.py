@@ -191,7 +191,7 @@ def test_uploads_never_touch_the_disk(client, monkeypatch):
 
 
 def test_unexpected_error_is_json_500_without_traceback(app, client, red_png, monkeypatch):
-    model = app.extensions["convnet.holder"].current
+    model = app.extensions["convnet.registry"].served.default.current
 
     def explode(pixels):
         raise RuntimeError("secret internal detail")

@@ -127,7 +127,7 @@ def test_every_failure_lets_go_of_the_budget(small_app, monkeypatch):
     form = browser_form([(b"a.png", good), (b"b.png", failing["rows missing"])])
     assert client.post(URL, **form).status_code == 400 and budget.in_use == 0
 
-    model = small_app.extensions["convnet.holder"].current
+    model = small_app.extensions["convnet.registry"].served.default.current
     monkeypatch.setattr(type(model), "predict", lambda self, pixels: 1 / 0)
     assert client.post(URL, data=good, content_type="image/png").status_code == 500
     assert budget.in_use == 0

@@ -106,7 +106,7 @@ def test_metrics_give_each_loaded_versions_memory(fresh_root):
     """At least the .onnx file (the session holds its weights), far under a gigabyte for the
     tiny model; the version a hot reload replaces leaves /metrics."""
     client = create_app({"MODEL_DIR": str(fresh_root), "RELOAD_INTERVAL": 0}).test_client()
-    holder = client.application.extensions["convnet.holder"]
+    holder = client.application.extensions["convnet.registry"].served.default
     memory = "convnet_model_memory_bytes"
     v1 = dict(model="cifar10", version=1, precision="float")
     onnx_bytes = (fresh_root / "1" / "model.onnx").stat().st_size

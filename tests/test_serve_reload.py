@@ -140,7 +140,7 @@ def test_refused_version_is_retried_when_its_files_change(fresh_root):
 def test_a_first_version_appearing_later_is_served(tmp_path):
     root = tmp_path / "late"
     app = create_app({"MODEL_DIR": str(root), "RELOAD_INTERVAL": 0})
-    client, holder = app.test_client(), app.extensions["convnet.holder"]
+    client, holder = app.test_client(), app.extensions["convnet.registry"].served.default
     assert client.get("/readyz").status_code == 503
     write_version(root, 1)
     holder.poll()
@@ -159,7 +159,7 @@ def wait_for(condition, timeout=10.0, step=0.02):
 
 def test_hot_swap_under_load_and_broken_version_refused(fresh_root, red_png):
     app = create_app({"MODEL_DIR": str(fresh_root), "RELOAD_INTERVAL": 0.05})
-    holder = app.extensions["convnet.holder"]
+    holder = app.extensions["convnet.registry"].served.default
     answers: list[tuple[int, int | None, str | None]] = []  # (status, version, label)
     stop = threading.Event()
 
@@ -211,7 +211,7 @@ def test_hot_reload_to_a_model_of_another_size(fresh_root, red_png):
     """32 px version 1 -> 64 px version 2: every door follows the new size; a version whose
     config.json contradicts its graph is refused after it, and version 2 keeps serving."""
     app = create_app({"MODEL_DIR": str(fresh_root), "RELOAD_INTERVAL": 0})
-    client, holder = app.test_client(), app.extensions["convnet.holder"]
+    client, holder = app.test_client(), app.extensions["convnet.registry"].served.default
 
     def served_shape():
         return client.get("/v2/models/cifar10").get_json()["inputs"][0]["shape"]
@@ -249,7 +249,7 @@ def test_a_request_decodes_at_the_size_of_the_model_it_holds(fresh_root, red_png
     decoding: that request decodes at 32 and is answered by version 1; the next one, at 64, by
     version 2."""
     app = create_app({"MODEL_DIR": str(fresh_root), "RELOAD_INTERVAL": 0})
-    client, holder = app.test_client(), app.extensions["convnet.holder"]
+    client, holder = app.test_client(), app.extensions["convnet.registry"].served.default
     write_version(fresh_root, 2, weights=TINY_WEIGHTS[2], size=64)
     holder.poll()  # first sight of version 2; the next poll loads it
     sizes = []

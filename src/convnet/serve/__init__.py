@@ -155,7 +155,6 @@ def create_app(config: dict | None = None) -> Flask:
         if app.config["FEEDBACK_DB"] else None)
     registry.load_initial()  # now, so the first request does not pay for it
     registry.start()
-    app.extensions["convnet.holder"] = registry.served.default  # the first model's
 
     ops.install_request_metrics(app)  # first, so the timer also covers refused requests
     install_access_log(app)  # next: refused requests get a request id and a log line too

@@ -105,7 +105,6 @@ class ModelHolder:
         self.model_dir = locate(model_dir)
         self.name = name
         self.policy = policy
-        self.reload_interval = reload_interval
         self.inference_threads = inference_threads
         self.precision = precision
         self._on_load = on_load or (lambda model: None)
@@ -231,31 +230,25 @@ class ModelHolder:
             for version in reversed(list_versions(root)):
                 if version <= floor:
                     break
-                version_dir = root / str(version)
-                seen = fingerprint(version_dir)
-                refused = self.refusals.get(version)
-                if refused and refused.fingerprint == seen:
-                    continue  # already refused as it is; consider older candidates
-                if self._pending.get(version) != seen:
-                    self._pending[version] = seen  # first sight or still changing: wait
-                    return
-                del self._pending[version]
-                if self._try_load(version_dir, seen):
-                    self.refusals = {v: r for v, r in self.refusals.items() if v != version}
+                # a newer version loaded or still settling: stop; refused: try older ones
+                if self._consider(root / str(version), version) in ("loaded", "waiting"):
                     return
 
-    def _consider(self, version_dir: Path, version: int) -> None:
-        """Load `version` once its files have settled, unless refused as they are."""
+    def _consider(self, version_dir: Path, version: int) -> str:
+        """Load `version` once its files have settled, unless refused as they are: "loaded",
+        "waiting" (first sight, or still changing) or "refused" (now or before, as it is)."""
         seen = fingerprint(version_dir)
         refused = self.refusals.get(version)
         if refused and refused.fingerprint == seen:
-            return
+            return "refused"
         if self._pending.get(version) != seen:
             self._pending[version] = seen
-            return
+            return "waiting"
         del self._pending[version]
-        if self._try_load(version_dir, seen):
-            self.refusals = {v: r for v, r in self.refusals.items() if v != version}
+        if not self._try_load(version_dir, seen):
+            return "refused"
+        self.refusals = {v: r for v, r in self.refusals.items() if v != version}
+        return "loaded"
 
     def start(self) -> None:
         """Start the polling thread (idempotent; a no-op when reloading is disabled)."""

@@ -83,7 +83,6 @@ class ModelRegistry:
         on_unload: Callable[[object], None] | None = None,
     ):
         self.initial_config = config
-        self.reload_interval = reload_interval
         self.holder_options = holder_options or {}
         self._on_load = on_load or (lambda model, slot, primary: None)
         self._on_refuse = on_refuse
