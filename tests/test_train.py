@@ -174,6 +174,53 @@ def test_cifar_sized_data_keeps_the_presets_defaults(preset, loop, batch, epochs
         assert default_epochs(preset, loop, num_train) == epochs
 
 
+def test_muon_is_the_default_only_where_it_was_measured():
+    from convnet.train.config import (
+        MUON_BATCH,
+        MUON_EPOCHS,
+        default_batch_size,
+        default_epochs,
+        default_optimizer,
+    )
+
+    for num_train in (50_000, 45_000):
+        assert default_optimizer("fast", "fit", "airbench", num_train) == "muon"
+        assert default_batch_size("fast", "fit", num_train, "muon") == MUON_BATCH
+        assert default_epochs("fast", "fit", num_train, "muon") == MUON_EPOCHS["fast"]
+    assert default_batch_size("fast", "fit", 30_000, "muon") == MUON_BATCH // 2
+    assert default_optimizer("fast", "device", "airbench", 50_000) == "sgd"  # the JAX loop
+    assert default_optimizer("fast", "fit", "photo", 50_000) == "sgd"  # photos: tuned on SGD
+    assert default_optimizer("fast", "fit", "airbench", 2_349) == "sgd"  # too few for its batch
+    assert default_optimizer("tutorial", "fit", "airbench", 50_000) == "adam"
+
+
+def test_auto_precision_on_model_fit_is_bfloat16_where_the_cpu_computes_in_it(monkeypatch):
+    monkeypatch.setattr(training, "training_on_cpu", lambda: True)
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert training.fit_precision() == "bfloat16"
+    monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert training.fit_precision() == "float32"
+    monkeypatch.setattr(training, "cpu_flags", lambda: None)  # unknown: the safe one
+    assert training.fit_precision() == "float32"
+    monkeypatch.setattr(training, "training_on_cpu", lambda: False)
+    assert training.fit_precision() == "float32"
+
+
+def test_the_optimizer_is_recorded_and_refused_where_it_cannot_run(trained, resume_split,
+                                                                   tmp_path):
+    config = json.loads((trained / "1" / "config.json").read_text())
+    assert config["optimizer"] == "sgd"  # 180 images: too few for Muon's batches
+    assert config["precision"] in ("float32", "bfloat16")  # resolved, not "auto"
+    with pytest.raises(training.TrainError, match="--optimizer muon"):
+        training.choose_loop(training.TrainConfig(loop="device", optimizer="muon"))
+    for cfg, message in ((training.TrainConfig(optimizer="adamw"), "unknown optimizer"),
+                         (training.TrainConfig(preset="tutorial", optimizer="muon"), "Adam")):
+        with pytest.raises(training.TrainError, match=message):
+            training.train(cfg, resume_split, tmp_path, verbose=0)
+    result = CliRunner().invoke(main, ["train", "--data", ".", "--optimizer", "adamw"])
+    assert result.exit_code == 2 and "--optimizer" in result.output
+
+
 def test_a_small_data_set_gets_smaller_batches_and_more_epochs():
     from convnet.train.config import default_batch_size, default_epochs
 
@@ -292,6 +339,20 @@ def test_time_limit_stops_at_the_last_epoch_that_fits():
     assert ran == 2  # a third would end at 30 s, past 25
 
 
+def test_a_fractional_epoch_count_ends_part_way_through_the_last_epoch(resume_split, tmp_path):
+    steps = []
+
+    class Count(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            steps.append(int(self.model.optimizer.iterations.numpy()))
+
+    cfg = training.TrainConfig(preset="quick", epochs=1.5, batch_size=32, tta=False)
+    version = training.train(cfg, resume_split, tmp_path, callbacks=(Count(),), verbose=0)
+    assert steps == [6]  # 128 images in batches of 32: 4 steps, then 2 of the second epoch
+    assert json.loads((version / "metrics.json").read_text())["epochs"] == 1.5
+    assert len(log_rows(version)) == 2
+
+
 def test_bfloat16_on_a_cpu_without_bfloat16_instructions_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(training, "training_on_cpu", lambda: True)
     monkeypatch.setattr(training, "cpu_flags", lambda: {"avx2", "avx512f", "fma"})
@@ -337,7 +398,8 @@ def test_bfloat16_precision_computes_in_bfloat16_on_fit_and_publishes_float32(tm
 
 # --- seeds and --resume -----------------------------------------------------------------------
 
-RESUME_CFG = training.TrainConfig(preset="quick", epochs=5, batch_size=32, tta=False)
+RESUME_CFGS = {name: training.TrainConfig(preset="quick", epochs=5, batch_size=32, tta=False,
+                                          optimizer=name) for name in ("sgd", "muon")}
 INTERRUPT_AFTER = 4  # epochs; the stem froze at the start of the 4th (optim.WHITEN_BIAS_EPOCHS)
 # Resuming restores weights, optimizer, lookahead average and data order, and TensorFlow's CPU
 # kernels are deterministic for a fixed input, so the runs agree to the bit; the tolerance only
@@ -357,15 +419,18 @@ def final_weights(version) -> list[np.ndarray]:
     return keras.models.load_model(version / "model.keras", compile=False).get_weights()
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(resume_split, tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(RESUME_CFGS))
+def uninterrupted(request, resume_split, tmp_path_factory):
+    """(config, final weights) of an uninterrupted run, for each optimizer."""
+    cfg = RESUME_CFGS[request.param]
     out = tmp_path_factory.mktemp("uninterrupted")
-    return final_weights(training.train(RESUME_CFG, resume_split, out, verbose=0))
+    return cfg, final_weights(training.train(cfg, resume_split, out, verbose=0))
 
 
 def test_a_seed_repeats_a_run_exactly(uninterrupted, resume_split, tmp_path):
-    again = final_weights(training.train(RESUME_CFG, resume_split, tmp_path, verbose=0))
-    for a, b in zip(uninterrupted, again, strict=True):
+    cfg, weights = uninterrupted
+    again = final_weights(training.train(cfg, resume_split, tmp_path, verbose=0))
+    for a, b in zip(weights, again, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -376,6 +441,7 @@ def state_of(model) -> dict[str, list[np.ndarray]]:
 
 def test_resume_restores_the_checkpoint_and_ends_where_an_uninterrupted_run_ends(
         uninterrupted, resume_split, tmp_path):
+    cfg, weights = uninterrupted
     at_interrupt, at_resume = {}, {}
 
     class Interrupt(keras.callbacks.Callback):
@@ -390,9 +456,9 @@ def test_resume_restores_the_checkpoint_and_ends_where_an_uninterrupted_run_ends
 
     out = tmp_path / "m"
     with pytest.raises(KeyboardInterrupt):
-        training.train(RESUME_CFG, resume_split, out, callbacks=(Interrupt(),), verbose=0)
+        training.train(cfg, resume_split, out, callbacks=(Interrupt(),), verbose=0)
     assert not modeldir.list_versions(out)
-    version = training.train(RESUME_CFG, resume_split, out, resume=True,
+    version = training.train(cfg, resume_split, out, resume=True,
                              callbacks=(Resumed(),), verbose=0)
 
     # the resumed model starts from the checkpoint, not from fresh weights or a fresh optimizer
@@ -403,7 +469,7 @@ def test_resume_restores_the_checkpoint_and_ends_where_an_uninterrupted_run_ends
     steps = 128 // 32
     assert int(at_resume["optimizer"][0]) == INTERRUPT_AFTER * steps  # the step count
     # and finishes where the uninterrupted run with the same seed finished
-    for a, b in zip(uninterrupted, final_weights(version), strict=True):
+    for a, b in zip(weights, final_weights(version), strict=True):
         np.testing.assert_allclose(b, a, rtol=0, atol=RESUME_TOLERANCE)
     assert [int(r["epoch"]) for r in log_rows(version)] == [0, 1, 2, 3, 4]
     assert version.name == "1"

@@ -129,7 +129,8 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
                    "32 for CIFAR-style 32x32 data, 96 for photos (their own size if smaller).")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None,
               help="Default: the preset's (fast 8, quick 6 on model.fit), more for a small data "
-                   "set: enough to see 96,000 images. Fractions (e.g. 9.9) need the device loop.")
+                   "set: enough to see 96,000 images. Fractions (e.g. 8.5) end part-way through "
+                   "the last epoch.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Default: the preset's (quick 512 on model.fit, else 1024), halved for a small "
                    "data set until an epoch has 32 steps (not below 64).")
@@ -182,6 +183,10 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
               default="auto", show_default=True,
               help="bfloat16: mixed precision. auto: bfloat16 for the device loop on an "
                    "accelerator, else float32.")
+@click.option("--optimizer", type=click.Choice(["auto", "sgd", "muon"]), default="auto",
+              show_default=True,
+              help="sgd: airbench94's Nesterov SGD with lookahead; muon: airbench94_muon's "
+                   "(Muon for conv kernels, SGD for the rest); auto: sgd.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--dry-run", is_flag=True,
               help="Print the model for --data (its classes, input size), parameters and FLOPs; "
@@ -194,7 +199,8 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
 def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr, seed, val_split,
           label_smoothing, translate, no_flip, augment, crop_scale, cutmix, outliers,
           class_weight, tta,
-          tensorboard, time_limit, data_parallel, distributed, loop, precision, resume, dry_run,
+          tensorboard, time_limit, data_parallel, distributed, loop, precision, optimizer, resume,
+          dry_run,
           no_cache, extra):
     """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics).
     Input size, augmentation, batch size and epochs default to what suits the data."""
@@ -246,6 +252,7 @@ def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr,
         data_parallel=data_parallel or distributed,
         loop=loop, precision=precision, image_size=size, augment=augment,
         crop_scale=crop_scale, cutmix=cutmix, class_weight=class_weight, outliers=outliers,
+        optimizer=optimizer,
     )
     if lr is not None:
         cfg.lr = lr

@@ -38,11 +38,12 @@ def default_augment(survey: Survey) -> str:
     return "photo" if survey.photos else "airbench"
 
 
-def batch_size_for(num_train: int, preset_batch: int) -> int:
-    """The preset's batch, halved while an epoch would have fewer than MIN_STEPS_PER_EPOCH
-    steps, down to MIN_BATCH; below that only while the batch exceeds the images."""
+def batch_size_for(num_train: int, preset_batch: int,
+                   min_steps: int = MIN_STEPS_PER_EPOCH) -> int:
+    """The preset's batch, halved while an epoch would have fewer than `min_steps` steps, down
+    to MIN_BATCH; below that only while the batch exceeds the images."""
     batch = preset_batch
-    while batch > 1 and (num_train < batch or (num_train // batch < MIN_STEPS_PER_EPOCH
+    while batch > 1 and (num_train < batch or (num_train // batch < min_steps
                                                 and batch // 2 >= MIN_BATCH)):
         batch //= 2
     return batch

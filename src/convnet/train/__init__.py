@@ -42,11 +42,13 @@ from convnet.train.config import (
     AUGMENTS,
     CLASS_WEIGHTS,
     LOOPS,
+    OPTIMIZERS,
     PRECISIONS,
     TrainConfig,
     TrainError,
     default_batch_size,
     default_epochs,
+    default_optimizer,
     with_augmentation,
 )
 from convnet.train.fit_loop import data_parallel, run_fit
@@ -93,6 +95,15 @@ def training_on_cpu() -> bool:
 
         return not torch.cuda.is_available()
     return False
+
+
+def fit_precision() -> str:
+    """What --precision auto means on model.fit: bfloat16 on a CPU with bfloat16 instructions
+    (1.4x float32 on the fast preset: bench/results/train_stacks.md), else float32."""
+    if not training_on_cpu():
+        return "float32"
+    flags = cpu_flags()
+    return "bfloat16" if flags and flags & BF16_FLAGS else "float32"
 
 
 def check_precision(precision: str) -> None:
@@ -179,6 +190,7 @@ def choose_loop(cfg: TrainConfig, *, resume: bool = False, tensorboard: str | No
         (f"--image-size {cfg.image_size} (it trains at 32 px only)",
          cfg.image_size not in (None, 32)),
         ("--augment photo", cfg.augment == "photo"), ("--outliers", cfg.outliers),
+        ("--optimizer muon", cfg.optimizer == "muon"),
         ("class weights (--class-weight none turns them off)", weighted)) if present]
     if not blockers:
         return "device"
@@ -205,15 +217,29 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
         raise TrainError(f"unknown precision {cfg.precision!r}: choose one of "
                          f"{', '.join(PRECISIONS)}")
     check_precision(cfg.precision)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise TrainError(f"unknown optimizer {cfg.optimizer!r}: choose one of "
+                         f"{', '.join(OPTIMIZERS)}")
+    if cfg.preset == "tutorial" and cfg.optimizer != "auto":
+        raise TrainError("--optimizer: the tutorial network trains with Adam, as the tutorial "
+                         "did; sgd and muon are for the airbench presets")
     if not 0 <= cfg.outliers <= 1:
         raise TrainError(f"--outliers is a fraction of the batch, from 0 to 1; got {cfg.outliers}")
     cfg = with_augmentation(replace(cfg, image_size=_image_size(cfg, train_split, test_split)))
     fit_split, val_split = split_validation(train_split, cfg.val_split, cfg.seed)
     weights = class_weights(cfg.class_weight, fit_split)
     loop = choose_loop(cfg, resume=resume, tensorboard=tensorboard, weighted=weights is not None)
-    batch_size = cfg.batch_size or default_batch_size(cfg.preset, loop, len(fit_split))
-    epochs = cfg.epochs or default_epochs(cfg.preset, loop, len(fit_split))
-    cfg = replace(cfg, batch_size=batch_size, epochs=epochs)
+    optimizer = cfg.optimizer
+    if optimizer == "auto":
+        optimizer = default_optimizer(cfg.preset, loop, cfg.augment, len(fit_split))
+    batch_size = cfg.batch_size or default_batch_size(cfg.preset, loop, len(fit_split),
+                                                      optimizer)
+    epochs = cfg.epochs or default_epochs(cfg.preset, loop, len(fit_split), optimizer)
+    precision = cfg.precision
+    if precision == "auto" and loop == "fit":  # the device loop decides its own
+        precision = fit_precision() if cfg.preset != "tutorial" else "float32"
+    cfg = replace(cfg, batch_size=batch_size, epochs=epochs, optimizer=optimizer,
+                  precision=precision)
     if len(fit_split) < batch_size:
         raise TrainError(f"{len(fit_split)} training images is fewer than one batch of "
                          f"{batch_size}; lower --batch-size")
@@ -233,9 +259,6 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
                                train_seconds=seconds, started=started, history=history,
                                num_train=len(fit_split), facts=facts,
                                calibration_split=val_split or test_split)
-    if epochs != int(epochs):
-        raise TrainError(f"--epochs {epochs}: fractional epochs need the device loop (JAX)")
-    epochs = int(epochs)
     process, processes = multihost.process_shard()
     if processes > 1 and (resume or cfg.time_limit or not cfg.data_parallel):
         # A time limit is judged by each process's own clock, so they could stop apart.
@@ -250,7 +273,8 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
         model, history, seconds = run_fit(
             cfg, batches, val_split, epochs, out / CHECKPOINT_DIR, stats, resume=resume,
             tensorboard=tensorboard, verbose=verbose, callbacks=callbacks)
-    epochs = history[-1]["epoch"] + 1 if history else epochs  # the time limit may cut it
+    if history and history[-1]["epoch"] + 1 < math.ceil(epochs):  # the time limit cut it
+        epochs = history[-1]["epoch"] + 1
     if processes > 1:
         model = multihost.local_copy(model, cfg.preset)
         if process != 0:  # process 0 publishes; wait for it and name its version

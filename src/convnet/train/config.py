@@ -10,7 +10,7 @@ from convnet import sizing
 @dataclass
 class TrainConfig:
     preset: str = "fast"
-    epochs: float | None = None  # None: default_epochs; fractions need the device loop
+    epochs: float | None = None  # None: default_epochs; a fraction ends inside the last epoch
     batch_size: int | None = None  # None: default_batch_size
     image_size: int | None = None  # input side, pixels; None: the training images' own
     lr: float = 11.5  # per 1024 examples, airbench units (summed loss, coupled weight decay)
@@ -37,6 +37,8 @@ class TrainConfig:
     data_parallel: bool = False  # split each global batch over all local devices
     loop: str = "auto"  # "fit" (model.fit), "device" (JAX, whole run on the device) or "auto"
     precision: str = "auto"  # "float32", "bfloat16" (mixed) or "auto" (bfloat16 on accelerators)
+    optimizer: str = "auto"  # "sgd" (airbench94), "muon" (airbench94_muon) or "auto"
+    # ("auto": default_optimizer)
 
 
 class TrainError(ValueError):
@@ -56,23 +58,55 @@ DEVICE_BATCH = 1024
 # The tutorial net has no BatchNorm; it trains with plain Adam like the original.
 TUTORIAL_LR = 1e-3
 
+# airbench94_muon's hyperparameters, in its units (summed loss over a batch; weight decay per
+# example); recipe.muon_optimizer converts them for the Keras model.
+MUON = {"muon_lr": 0.24, "muon_momentum": 0.6, "bias_lr": 0.053, "head_lr": 0.67,
+        "momentum": 0.85, "decay_per_example": 2e-6}
+
+# Muon's defaults on model.fit. airbench94_muon trains with batches of 2,000 (25 steps an epoch
+# on CIFAR-10), so its batch only halves below MUON_MIN_STEPS steps; smaller training sets than
+# MUON_MIN_IMAGES (whose batches would drop below 1,000) were not measured and keep SGD.
+MUON_EPOCHS = {"fast": 8}
+MUON_BATCH = 2000
+MUON_MIN_STEPS = 20
+MUON_MIN_IMAGES = 20_000
+
 # Photos: CutMix on half the batches (bench/results/flowers_probes.md)
 PHOTO_CUTMIX = 0.5
 
 LOOPS = ("auto", "fit", "device")
+OPTIMIZERS = ("auto", "sgd", "muon")
 PRECISIONS = ("auto", "float32", "bfloat16")
 AUGMENTS = ("airbench", "photo")
 CLASS_WEIGHTS = ("auto", "none")
 
 
-def default_batch_size(preset: str, loop: str, num_train: int) -> int:
-    """The preset's batch for the loop, smaller for a small data set (sizing.batch_size_for)."""
+def default_optimizer(preset: str, loop: str, augment: str, num_train: int) -> str:
+    """Muon where it was measured to win: model.fit on thumbnails (airbench augmentation), a
+    preset in MUON_EPOCHS, a training set large enough for its batches; else SGD (Adam for
+    the tutorial network)."""
+    if preset == "tutorial":
+        return "adam"
+    if (loop == "fit" and preset in MUON_EPOCHS and augment == "airbench"
+            and num_train >= MUON_MIN_IMAGES):
+        return "muon"
+    return "sgd"
+
+
+def default_batch_size(preset: str, loop: str, num_train: int, optimizer: str = "sgd") -> int:
+    """The preset's batch for the loop and optimizer, smaller for a small data set
+    (sizing.batch_size_for)."""
+    if optimizer == "muon":
+        return sizing.batch_size_for(num_train, MUON_BATCH, MUON_MIN_STEPS)
     preset_batch = DEVICE_BATCH if loop == "device" else PRESET_BATCH.get(preset, DEVICE_BATCH)
     return sizing.batch_size_for(num_train, preset_batch)
 
 
-def default_epochs(preset: str, loop: str, num_train: int) -> float:
-    """The preset's epochs for the loop, more for a small data set (sizing.epochs_for)."""
+def default_epochs(preset: str, loop: str, num_train: int, optimizer: str = "sgd") -> float:
+    """The preset's epochs for the loop and optimizer, more for a small data set
+    (sizing.epochs_for)."""
+    if optimizer == "muon":
+        return sizing.epochs_for(num_train, MUON_EPOCHS[preset])
     return sizing.epochs_for(num_train, (DEVICE_EPOCHS if loop == "device" else
                                          PRESET_EPOCHS)[preset])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -42,6 +43,22 @@ class TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class StopAtStep(keras.callbacks.Callback):
+    """End training after `total` steps of `per_epoch` each (from the start of the run, a
+    resumed run's earlier epochs included): a fractional last epoch."""
+
+    def __init__(self, total: int, per_epoch: int):
+        super().__init__()
+        self.total, self.per_epoch = total, per_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch * self.per_epoch + batch + 1 >= self.total:
+            self.model.stop_training = True
+
+
 @contextlib.contextmanager
 def data_parallel(enabled: bool):
     """Replicate the model on every device (every host's after multihost.initialize; else the
@@ -73,14 +90,18 @@ def data_parallel(enabled: bool):
         raise TrainError(f"data-parallel training is not supported on the {backend} backend")
 
 
-def run_fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: int,
+def run_fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs: float,
             ckpt_dir: Path, stats: PixelStats, *, resume: bool, tensorboard: str | None = None,
             verbose: int = 1, callbacks: tuple = ()) -> tuple[keras.Model, list[dict], float]:
     """Build (or restore) and fit the model; runs inside any distribution scope. Returns the
-    model, the per-epoch log (a resumed run's earlier epochs included) and training seconds."""
+    model, the per-epoch log (a resumed run's earlier epochs included) and training seconds.
+    A fractional `epochs` ends part-way through the last epoch, where the schedule ends."""
     classes = batches.split.classes
     steps = batches.steps_per_epoch
-    model = build_model(cfg, batches.split.images, len(classes), steps * epochs, stats)
+    total = max(1, round(epochs * steps))
+    whole = math.ceil(total / steps)
+    model = build_model(cfg, batches.split.images, len(classes), total, stats,
+                        steps_per_epoch=steps)
     initial_epoch, history, average = 0, [], None
     if resume:
         saved = checkpoint.load(ckpt_dir)
@@ -93,15 +114,19 @@ def run_fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs:
     if cfg.preset != "tutorial" and keras.backend.backend() == "tensorflow":
         # Both assign variables between steps, which JAX's fit loop (holding its own copy of
         # the state) would ignore; on JAX the device loop does all of the recipe.
-        lookahead = Lookahead(steps * epochs, steps, average=average)
-        recipe = [lookahead, WhitenBiasEpochs()]
+        recipe = [WhitenBiasEpochs()]
+        if cfg.optimizer != "muon":  # airbench94_muon has no lookahead
+            lookahead = Lookahead(total, steps, average=average)
+            recipe.insert(0, lookahead)
     saver = checkpoint.SaveEveryEpoch(ckpt_dir, cfg, history, lookahead,
                                       write=multihost.is_writer())
     # The saver runs before the caller's callbacks, so an interrupt raised from one of those
     # at the end of an epoch finds that epoch saved.
     used: list[keras.callbacks.Callback] = [saver, *callbacks, *recipe]
+    if total < whole * steps:
+        used.append(StopAtStep(total, steps))
     if verbose:
-        used.append(EpochProgress(epochs, steps))
+        used.append(EpochProgress(whole, steps))
     if cfg.time_limit:
         used.append(TimeLimit(cfg.time_limit))
     if tensorboard:
@@ -112,7 +137,7 @@ def run_fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs:
 
     data = batches.tf_dataset() if keras.backend.backend() == "tensorflow" else batches
     started = time.time()
-    model.fit(data, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+    model.fit(data, epochs=whole, initial_epoch=initial_epoch, steps_per_epoch=steps,
               validation_data=validation, shuffle=False,  # Batches shuffles
               callbacks=used, verbose=0)
     return model, saver.history, time.time() - started

@@ -12,11 +12,12 @@ from convnet import models
 from convnet.optim import (
     LOOKAHEAD_EVERY,
     WHITEN_BIAS_EPOCHS,
+    AirbenchMuon,
     AirbenchSGD,
     TriangularSchedule,
     lookahead_decays,
 )
-from convnet.train.config import TUTORIAL_LR, TrainConfig, TrainError
+from convnet.train.config import MUON, TUTORIAL_LR, TrainConfig, TrainError
 
 
 def init_whitening(model: keras.Model, images: np.ndarray, seed: int,
@@ -49,11 +50,34 @@ def init_airbench(model: keras.Model, seed: int) -> None:
         layer.kernel.assign(kernel)
 
 
-def compile_model(model: keras.Model, cfg: TrainConfig, steps: int) -> None:
+def muon_optimizer(model: keras.Model, batch_size: int, steps: int,
+                   whiten_bias_steps: int = 0) -> AirbenchMuon:
+    """airbench94_muon's optimiser and schedule (linear from the peak down to 0, no warm-up)
+    with its SGD learning rates and decay converted from its units (summed loss; a head of
+    unit-variance weights divided by its width) to this model's (mean loss; the head's
+    Rescaling of spec.logit_scale). Muon's own step needs no conversion."""
+    width = model.get_layer("head").input.shape[-1]
+    scale = float(model.get_layer("logits").scale)
+    return AirbenchMuon(
+        learning_rate=TriangularSchedule(1.0, steps, warmup=0.0, start=1.0, end=0.0),
+        muon_lr=MUON["muon_lr"], muon_momentum=MUON["muon_momentum"],
+        bias_lr=MUON["bias_lr"] * batch_size,
+        head_lr=MUON["head_lr"] * batch_size / (width * scale) ** 2,
+        momentum=MUON["momentum"], decay=MUON["decay_per_example"] * batch_size,
+        whiten_bias_steps=whiten_bias_steps)
+
+
+def compile_model(model: keras.Model, cfg: TrainConfig, steps: int,
+                  steps_per_epoch: int | None = None) -> None:
+    """Compile for `steps` steps in all; `steps_per_epoch` times the stem bias's decay under
+    Muon (None: it follows the main schedule until WhitenBiasEpochs freezes it)."""
     if not cfg.batch_size:
         raise ValueError("compile_model needs cfg.batch_size (train() sets the preset's default)")
     if cfg.preset == "tutorial":
         optimizer = keras.optimizers.Adam(TUTORIAL_LR)
+    elif cfg.optimizer == "muon":
+        optimizer = muon_optimizer(model, cfg.batch_size, steps,
+                                   whiten_bias_steps=(steps_per_epoch or 0) * WHITEN_BIAS_EPOCHS)
     else:
         # airbench's units (summed loss over a batch) -> Keras's (mean loss): lr * batch size.
         kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
@@ -85,7 +109,8 @@ def dtype_policy(name: str):
 
 
 def build_model(cfg: TrainConfig, images: np.ndarray, num_classes: int, steps: int,
-                stats: models.PixelStats | None = None) -> keras.Model:
+                stats: models.PixelStats | None = None, *,
+                steps_per_epoch: int | None = None) -> keras.Model:
     """A compiled model as a fresh run starts it, for the images' size and normalised by
     `stats` (default: the images' own). A resumed run builds the same one and loads the
     checkpoint into it, so its optimizer has the variables the checkpoint was saved with."""
@@ -96,7 +121,7 @@ def build_model(cfg: TrainConfig, images: np.ndarray, num_classes: int, steps: i
         init_airbench(model, cfg.seed)
         init_whitening(model, images, cfg.seed, stats)
         model.get_layer("whiten").trainable = True  # the bias; AirbenchSGD holds the kernel
-    compile_model(model, cfg, steps)
+    compile_model(model, cfg, steps, steps_per_epoch)
     return model
 
 
