@@ -11,9 +11,9 @@ from pathlib import Path
 
 from common import write_results
 
-HEAD = ("| machine | backend | preset | seed | batch | epochs | train s | wall s "
-        "| test acc (TTA) | test acc (no TTA) |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+HEAD = ("| machine | backend | preset | optimizer | precision | seed | batch | epochs | train s "
+        "| wall s | test acc (TTA) | test acc (no TTA) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def run_facts(vdir: Path) -> dict:
@@ -23,7 +23,10 @@ def run_facts(vdir: Path) -> dict:
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     hw = m.get("hardware", {})
     return {"dir": str(vdir), "machine": f"{hw.get('cpu', '?')}, {hw.get('cpu_count', '?')} cores",
-            "backend": m["backend"], "preset": m["preset"], "seed": cfg.get("seed"),
+            "backend": m["backend"], "preset": m["preset"],
+            # runs from before the optimizer was a choice trained with SGD (Adam: tutorial)
+            "optimizer": cfg.get("optimizer", "adam" if m["preset"] == "tutorial" else "sgd"),
+            "precision": cfg.get("precision"), "seed": cfg.get("seed"),
             "batch_size": cfg.get("batch_size"), "epochs": m["epochs"],
             "train_seconds": m["train_seconds"],
             "wall_seconds": float(wall.read_text()) if wall.is_file()
@@ -32,7 +35,8 @@ def run_facts(vdir: Path) -> dict:
 
 
 def row(r: dict) -> str:
-    return (f"| {r['machine']} | {r['backend']} | {r['preset']} | {r['seed']} | "
+    return (f"| {r['machine']} | {r['backend']} | {r['preset']} | {r['optimizer']} | "
+            f"{r['precision']} | {r['seed']} | "
             f"{r['batch_size']} | {r['epochs']} | {r['train_seconds']:.0f} | "
             f"{r['wall_seconds']:.0f} | {r['accuracy'] * 100:.2f}% | "
             f"{r['accuracy_no_tta'] * 100:.2f}% |")

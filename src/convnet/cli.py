@@ -182,11 +182,13 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
 @click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16"]),
               default="auto", show_default=True,
               help="bfloat16: mixed precision. auto: bfloat16 for the device loop on an "
-                   "accelerator, else float32.")
+                   "accelerator and for model.fit on a CPU with bfloat16 instructions, else "
+                   "float32.")
 @click.option("--optimizer", type=click.Choice(["auto", "sgd", "muon"]), default="auto",
               show_default=True,
               help="sgd: airbench94's Nesterov SGD with lookahead; muon: airbench94_muon's "
-                   "(Muon for conv kernels, SGD for the rest); auto: sgd.")
+                   "(Muon for conv kernels, SGD for the rest; model.fit only); auto: muon for "
+                   "fast on model.fit with thumbnails and at least 20,000 images, else sgd.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--dry-run", is_flag=True,
               help="Print the model for --data (its classes, input size), parameters and FLOPs; "

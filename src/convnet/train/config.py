@@ -36,7 +36,8 @@ class TrainConfig:
     time_limit: float | None = None  # seconds of training; stop early at an epoch boundary
     data_parallel: bool = False  # split each global batch over all local devices
     loop: str = "auto"  # "fit" (model.fit), "device" (JAX, whole run on the device) or "auto"
-    precision: str = "auto"  # "float32", "bfloat16" (mixed) or "auto" (bfloat16 on accelerators)
+    precision: str = "auto"  # "float32", "bfloat16" (mixed) or "auto" (train.fit_precision,
+    # device_loop.default_precision)
     optimizer: str = "auto"  # "sgd" (airbench94), "muon" (airbench94_muon) or "auto"
     # ("auto": default_optimizer)
 
