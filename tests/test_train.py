@@ -183,11 +183,12 @@ def test_muon_is_the_default_only_where_it_was_measured():
         default_optimizer,
     )
 
-    for num_train in (50_000, 45_000):
-        assert default_optimizer("fast", "fit", "airbench", num_train) == "muon"
-        assert default_batch_size("fast", "fit", num_train, "muon") == MUON_BATCH
-        assert default_epochs("fast", "fit", num_train, "muon") == MUON_EPOCHS["fast"]
-    assert default_batch_size("fast", "fit", 30_000, "muon") == MUON_BATCH // 2
+    for preset in ("fast", "quick"):
+        for num_train in (50_000, 45_000):
+            assert default_optimizer(preset, "fit", "airbench", num_train) == "muon"
+            assert default_batch_size(preset, "fit", num_train, "muon") == MUON_BATCH[preset]
+            assert default_epochs(preset, "fit", num_train, "muon") == MUON_EPOCHS[preset]
+    assert default_batch_size("fast", "fit", 30_000, "muon") == MUON_BATCH["fast"] // 2
     assert default_optimizer("fast", "device", "airbench", 50_000) == "sgd"  # the JAX loop
     assert default_optimizer("fast", "fit", "photo", 50_000) == "sgd"  # photos: tuned on SGD
     assert default_optimizer("fast", "fit", "airbench", 2_349) == "sgd"  # too few for its batch
@@ -214,7 +215,9 @@ def test_the_optimizer_is_recorded_and_refused_where_it_cannot_run(trained, resu
     with pytest.raises(training.TrainError, match="--optimizer muon"):
         training.choose_loop(training.TrainConfig(loop="device", optimizer="muon"))
     for cfg, message in ((training.TrainConfig(optimizer="adamw"), "unknown optimizer"),
-                         (training.TrainConfig(preset="tutorial", optimizer="muon"), "Adam")):
+                         (training.TrainConfig(preset="tutorial", optimizer="muon"), "Adam"),
+                         (training.TrainConfig(optimizer="muon", lr=5.0),
+                          "lr: SGD's settings.*--optimizer sgd")):
         with pytest.raises(training.TrainError, match=message):
             training.train(cfg, resume_split, tmp_path, verbose=0)
     result = CliRunner().invoke(main, ["train", "--data", ".", "--optimizer", "adamw"])

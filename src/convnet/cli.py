@@ -128,13 +128,16 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
               help="Input side in pixels; images are decoded to it (centre square). Default: "
                    "32 for CIFAR-style 32x32 data, 96 for photos (their own size if smaller).")
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None,
-              help="Default: the preset's (fast 8, quick 6 on model.fit), more for a small data "
+              help="Default: the preset's (8 on model.fit, quick with SGD 6; 12 on the device "
+                   "loop), more for a small data "
                    "set: enough to see 96,000 images. Fractions (e.g. 8.5) end part-way through "
                    "the last epoch.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
-              help="Default: the preset's (quick 512 on model.fit, else 1024), halved for a small "
-                   "data set until an epoch has 32 steps (not below 64).")
-@click.option("--lr", type=float, default=None, help="Peak learning rate, per 1024 examples.")
+              help="Default: with Muon fast 2000 and quick 1000; with SGD 1024 (quick 512 on "
+                   "model.fit); halved for a small data set until an epoch has 32 steps (20 "
+                   "with Muon; not below 64).")
+@click.option("--lr", type=float, default=None,
+              help="SGD's peak learning rate, per 1024 examples (airbench units).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-split", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               show_default=True, help="Fraction of train held out for validation.")
@@ -188,7 +191,8 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
               show_default=True,
               help="sgd: airbench94's Nesterov SGD with lookahead; muon: airbench94_muon's "
                    "(Muon for conv kernels, SGD for the rest; model.fit only); auto: muon for "
-                   "fast on model.fit with thumbnails and at least 20,000 images, else sgd.")
+                   "fast and quick on model.fit with thumbnails and at least 20,000 images, "
+                   "else sgd.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--dry-run", is_flag=True,
               help="Print the model for --data (its classes, input size), parameters and FLOPs; "

@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 IMBALANCE_RATIO = 2.0
 
 
+# TrainConfig fields only SGD reads: a run that resolves to Muon refuses them changed
+SGD_SETTINGS = ("lr", "momentum", "weight_decay", "bias_lr_scale", "warmup", "lr_start",
+                "lr_end")
+
 # CPU flags of instructions that compute in bfloat16 (x86: AVX-512 BF16, AMX; Arm: BF16)
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
@@ -235,11 +239,18 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     batch_size = cfg.batch_size or default_batch_size(cfg.preset, loop, len(fit_split),
                                                       optimizer)
     epochs = cfg.epochs or default_epochs(cfg.preset, loop, len(fit_split), optimizer)
+    epochs = int(epochs) if float(epochs).is_integer() else float(epochs)  # 8, not 8.0
     precision = cfg.precision
     if precision == "auto" and loop == "fit":  # the device loop decides its own
         precision = fit_precision() if cfg.preset != "tutorial" else "float32"
     cfg = replace(cfg, batch_size=batch_size, epochs=epochs, optimizer=optimizer,
                   precision=precision)
+    if optimizer == "muon":
+        changed = [name for name in SGD_SETTINGS
+                   if getattr(cfg, name) != getattr(TrainConfig, name)]
+        if changed:
+            raise TrainError(f"{', '.join(changed)}: SGD's settings, which Muon does not use "
+                             "(it runs airbench94_muon's); add --optimizer sgd to train with them")
     if len(fit_split) < batch_size:
         raise TrainError(f"{len(fit_split)} training images is fewer than one batch of "
                          f"{batch_size}; lower --batch-size")

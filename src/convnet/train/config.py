@@ -64,11 +64,12 @@ TUTORIAL_LR = 1e-3
 MUON = {"muon_lr": 0.24, "muon_momentum": 0.6, "bias_lr": 0.053, "head_lr": 0.67,
         "momentum": 0.85, "decay_per_example": 2e-6}
 
-# Muon's defaults on model.fit. airbench94_muon trains with batches of 2,000 (25 steps an epoch
-# on CIFAR-10), so its batch only halves below MUON_MIN_STEPS steps; smaller training sets than
-# MUON_MIN_IMAGES (whose batches would drop below 1,000) were not measured and keep SGD.
-MUON_EPOCHS = {"fast": 8}
-MUON_BATCH = 2000
+# Muon's defaults on model.fit. airbench94_muon trains fast's net with batches of 2,000 (25
+# steps an epoch on CIFAR-10); quick's smaller net did best at 1,000 of 500, 1,000 and 2,000
+# (bench/results/cpu_train_quick_muon.md). A batch only halves below MUON_MIN_STEPS steps;
+# training sets smaller than MUON_MIN_IMAGES were not measured and keep SGD.
+MUON_EPOCHS = {"fast": 8, "quick": 8}
+MUON_BATCH = {"fast": 2000, "quick": 1000}
 MUON_MIN_STEPS = 20
 MUON_MIN_IMAGES = 20_000
 
@@ -98,7 +99,7 @@ def default_batch_size(preset: str, loop: str, num_train: int, optimizer: str = 
     """The preset's batch for the loop and optimizer, smaller for a small data set
     (sizing.batch_size_for)."""
     if optimizer == "muon":
-        return sizing.batch_size_for(num_train, MUON_BATCH, MUON_MIN_STEPS)
+        return sizing.batch_size_for(num_train, MUON_BATCH[preset], MUON_MIN_STEPS)
     preset_batch = DEVICE_BATCH if loop == "device" else PRESET_BATCH.get(preset, DEVICE_BATCH)
     return sizing.batch_size_for(num_train, preset_batch)
 
