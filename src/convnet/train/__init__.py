@@ -51,7 +51,7 @@ from convnet.train.config import (
     default_optimizer,
     with_augmentation,
 )
-from convnet.train.fit_loop import data_parallel, run_fit
+from convnet.train.fit_loop import data_parallel, fit_steps, run_fit
 from convnet.train.progress import epoch_line
 from convnet.train.recipe import WhitenBiasEpochs
 
@@ -286,6 +286,8 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
             tensorboard=tensorboard, verbose=verbose, callbacks=callbacks)
     if history and history[-1]["epoch"] + 1 < math.ceil(epochs):  # the time limit cut it
         epochs = history[-1]["epoch"] + 1
+    elif epochs != int(epochs):  # the steps run, as the device loop reports them
+        epochs = round(fit_steps(epochs, batches.steps_per_epoch) / batches.steps_per_epoch, 4)
     if processes > 1:
         model = multihost.local_copy(model, cfg.preset)
         if process != 0:  # process 0 publishes; wait for it and name its version

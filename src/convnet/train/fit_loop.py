@@ -43,6 +43,11 @@ class TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def fit_steps(epochs: float, per_epoch: int) -> int:
+    """Steps in a run of `epochs` (a part-epoch rounds up, as on the device loop)."""
+    return max(1, math.ceil(epochs * per_epoch - 1e-9))
+
+
 class StopAtStep(keras.callbacks.Callback):
     """End training after `total` steps of `per_epoch` each (from the start of the run, a
     resumed run's earlier epochs included): a fractional last epoch."""
@@ -98,7 +103,7 @@ def run_fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs:
     A fractional `epochs` ends part-way through the last epoch, where the schedule ends."""
     classes = batches.split.classes
     steps = batches.steps_per_epoch
-    total = max(1, round(epochs * steps))
+    total = fit_steps(epochs, steps)
     whole = math.ceil(total / steps)
     model = build_model(cfg, batches.split.images, len(classes), total, stats,
                         steps_per_epoch=steps)
