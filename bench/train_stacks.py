@@ -250,15 +250,6 @@ def measured_clock_ghz(runs: int = 5) -> float | None:
                                         check=True).stdout) for _ in range(runs))
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    match = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
-    return set(match.group(1).split()) if match else set()
-
-
 def train_cli(stack: str, args, out_root: Path) -> dict | None:
     """The real trainer: `convnet train` for --epochs with the stack's backend and precision."""
     backend, precision = STACKS[stack]
@@ -340,13 +331,13 @@ def main() -> None:
     if any(STACKS[s][0] == "torch" for s in stacks) and not TORCH_PYTHON.exists():
         p.error(f"{TORCH_PYTHON} is missing: python -m venv bench/.venv-torch && "
                 "bench/.venv-torch/bin/pip install torch keras==3.15.1 -e .")
-    flags = cpu_flags()
-    if flags and "avx512_bf16" not in flags and any(STACKS[s][1] == "bfloat16" for s in stacks):
-        print("note: this CPU lacks avx512_bf16; bfloat16 runs emulated", flush=True)
-
     # Decode the JPEGs once into convnet's cache, so no stack's process pays for it.
     sys.path.insert(0, str(ROOT / "src"))
     from convnet import data
+    from convnet.cpu import computes_bf16, cpu_flags
+
+    if computes_bf16(cpu_flags()) is False and any(STACKS[s][1] == "bfloat16" for s in stacks):
+        print("note: this CPU has no bfloat16 instructions; bfloat16 runs emulated", flush=True)
 
     data.load_dataset(args.data)
 

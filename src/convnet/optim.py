@@ -45,6 +45,14 @@ def variable_path(variable) -> tuple[str, str]:
     return layer.rpartition("/")[2], name
 
 
+def nesterov_step(optimizer, variable, momentum_buffer, gradient, learning_rate, momentum):
+    """One Nesterov SGD step as PyTorch takes it: the buffer holds gradients, the learning rate
+    applies at the update."""
+    new_m = momentum * momentum_buffer + gradient
+    optimizer.assign(momentum_buffer, new_m)
+    optimizer.assign(variable, variable - learning_rate * (gradient + momentum * new_m))
+
+
 @keras.saving.register_keras_serializable(package="convnet")
 class AirbenchSGD(keras.optimizers.SGD):
     """Nesterov SGD with coupled L2 decay and a faster learning rate for BatchNorm biases.
@@ -69,11 +77,8 @@ class AirbenchSGD(keras.optimizers.SGD):
         gradient = ops.cast(gradient, variable.dtype)
         learning_rate = ops.cast(learning_rate, variable.dtype) * scale
         # Same absolute decay for every variable: the L2 term is divided by the lr scale.
-        gradient = gradient + (self.l2 / scale) * variable
-        m = self.momentums[self._get_variable_index(variable)]
-        new_m = self.momentum * m + gradient
-        self.assign(m, new_m)
-        self.assign(variable, variable - learning_rate * (gradient + self.momentum * new_m))
+        nesterov_step(self, variable, self.momentums[self._get_variable_index(variable)],
+                      gradient + (self.l2 / scale) * variable, learning_rate, self.momentum)
 
     def get_config(self):
         return {**super().get_config(), "l2": self.l2, "bias_lr_scale": self.bias_lr_scale}
@@ -144,11 +149,6 @@ class AirbenchMuon(keras.optimizers.Optimizer):
         super().build(variables)
         self.momentums = [self.add_variable_from_reference(v, "momentum") for v in variables]
 
-    @staticmethod
-    def by_muon(variable) -> bool:
-        layer, name = variable_path(variable)
-        return name == "kernel" and len(variable.shape) == 4 and layer != "whiten"
-
     def update_step(self, gradient, variable, learning_rate):
         ops = keras.ops
         layer, name = variable_path(variable)
@@ -157,7 +157,7 @@ class AirbenchMuon(keras.optimizers.Optimizer):
         gradient = ops.cast(gradient, variable.dtype)
         factor = ops.cast(learning_rate, variable.dtype)
         m = self.momentums[self._get_variable_index(variable)]
-        if self.by_muon(variable):
+        if name == "kernel" and len(variable.shape) == 4:  # a conv kernel (not the stem's)
             new_m = self.muon_momentum * m + gradient
             self.assign(m, new_m)
             direction = gradient + self.muon_momentum * new_m
@@ -173,10 +173,8 @@ class AirbenchMuon(keras.optimizers.Optimizer):
             done = ops.cast(self.iterations, variable.dtype) / self.whiten_bias_steps
             factor = ops.maximum(1.0 - done, 0.0)
         # Coupled decay: the same shrink per step (decay x schedule) for every variable.
-        gradient = gradient + (self.decay / lr) * variable
-        new_m = self.momentum * m + gradient
-        self.assign(m, new_m)
-        self.assign(variable, variable - factor * lr * (gradient + self.momentum * new_m))
+        nesterov_step(self, variable, m, gradient + (self.decay / lr) * variable, factor * lr,
+                      self.momentum)
 
     def get_config(self):
         return {**super().get_config(), "muon_lr": self.muon_lr,

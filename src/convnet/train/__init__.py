@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 from convnet import models
+from convnet.cpu import BF16_FLAGS, computes_bf16, cpu_flags
 from convnet.data import Split
 from convnet.train import multihost, publish
 from convnet.train.batches import Batches
@@ -68,22 +69,6 @@ IMBALANCE_RATIO = 2.0
 SGD_SETTINGS = ("lr", "momentum", "weight_decay", "bias_lr_scale", "warmup", "lr_start",
                 "lr_end")
 
-# CPU flags of instructions that compute in bfloat16 (x86: AVX-512 BF16, AMX; Arm: BF16)
-BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo; None where it cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key = line.split(":", 1)[0].strip().lower()
-            if key in ("flags", "features"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
-
-
 def training_on_cpu() -> bool:
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -104,10 +89,7 @@ def training_on_cpu() -> bool:
 def fit_precision() -> str:
     """What --precision auto means on model.fit: bfloat16 on a CPU with bfloat16 instructions
     (1.4x float32 on the fast preset: bench/results/train_stacks.md), else float32."""
-    if not training_on_cpu():
-        return "float32"
-    flags = cpu_flags()
-    return "bfloat16" if flags and flags & BF16_FLAGS else "float32"
+    return "bfloat16" if training_on_cpu() and computes_bf16(cpu_flags()) else "float32"
 
 
 def check_precision(precision: str) -> None:
@@ -115,8 +97,7 @@ def check_precision(precision: str) -> None:
     float32: refuse it by name (a CPU whose flags cannot be read gets the benefit of doubt)."""
     if precision != "bfloat16" or not training_on_cpu():
         return
-    flags = cpu_flags()
-    if flags is not None and not flags & BF16_FLAGS:
+    if computes_bf16(cpu_flags()) is False:
         raise TrainError("--precision bfloat16: this CPU has no bfloat16 instructions "
                          f"({' or '.join(sorted(BF16_FLAGS))}), so it would run emulated and "
                          "slower than float32; use --precision float32")
