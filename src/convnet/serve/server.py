@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.errors import HaltServer
 
 from convnet.modeldir import (
     PRECISION_FILES,
@@ -187,6 +188,10 @@ def run(
     os.environ[MULTIPROC_ENV] = metrics_dir
     try:
         _GunicornApp(app_config, options).run()
+    except HaltServer as exc:
+        # gunicorn halts on the first worker that fails to boot; when a second one fails while
+        # it stops, its reap raises HaltServer again out of halt(). The workers have said why.
+        sys.exit(exc.exit_status)
     finally:
         # Workers are forked inside run() and leave through here too; only the master cleans up.
         if os.getpid() == master:
