@@ -157,7 +157,8 @@ class AirbenchMuon(keras.optimizers.Optimizer):
         gradient = ops.cast(gradient, variable.dtype)
         factor = ops.cast(learning_rate, variable.dtype)
         m = self.momentums[self._get_variable_index(variable)]
-        if name == "kernel" and len(variable.shape) == 4:  # a conv kernel (not the stem's)
+        # A conv kernel; the stem's is frozen, so it never comes here.
+        if name == "kernel" and len(variable.shape) == 4:
             new_m = self.muon_momentum * m + gradient
             self.assign(m, new_m)
             direction = gradient + self.muon_momentum * new_m

@@ -69,6 +69,7 @@ IMBALANCE_RATIO = 2.0
 SGD_SETTINGS = ("lr", "momentum", "weight_decay", "bias_lr_scale", "warmup", "lr_start",
                 "lr_end")
 
+
 def training_on_cpu() -> bool:
     backend = keras.backend.backend()
     if backend == "tensorflow":
