@@ -21,6 +21,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from convnet.serve.connections import LedgerCollector
 from convnet.serve.holder import Refusal
 from convnet.serve.model import LoadedModel
 
@@ -130,5 +131,6 @@ class ServeMetrics:
         if os.environ.get(MULTIPROC_ENV):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            registry.register(LedgerCollector())  # read live, from the workers' shared ledger
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

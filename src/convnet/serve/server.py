@@ -30,6 +30,7 @@ from convnet.modeldir import (
     resolve_version,
     version_number,
 )
+from convnet.serve.connections import ConnectionLedger
 from convnet.serve.models_config import ConfigError, ModelsConfig, read_config
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -64,10 +65,24 @@ class _GunicornApp(BaseApplication):
 
 
 def _forget_worker(server, worker) -> None:
-    """Gunicorn child_exit hook: drop a dead worker's live gauges from the shared samples."""
+    """Gunicorn child_exit hook: drop a dead worker's live gauges from the shared samples and
+    free its slot in the connection ledger."""
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    ledger = getattr(worker, "ledger", None)
+    if ledger is not None:
+        ledger.release(worker.ledger_slot)
+
+
+def _ledger_hook(ledger: ConnectionLedger):
+    """Gunicorn pre_fork hook: the worker about to be forked gets the ledger and a slot in it
+    (serve/connections.py), which it inherits."""
+
+    def pre_fork(server, worker) -> None:
+        worker.ledger, worker.ledger_slot = ledger, ledger.claim()
+
+    return pre_fork
 
 
 def _check_api_keys(config: dict) -> None:
@@ -170,6 +185,7 @@ def run(
         "proc_name": "convnet-serve",
         "when_ready": announce,
         "child_exit": _forget_worker,
+        "pre_fork": _ledger_hook(ConnectionLedger()),
         "control_socket_disable": True,
     }
     if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
