@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 from synthetic import encode
 
+from convnet import imaging
 from convnet.imaging import ImageError, decode_image
 
 
@@ -146,3 +147,64 @@ def test_what_reserve_raises_propagates_before_any_pixel_is_decoded():
     with pytest.raises(ImageError, match="too large"):  # the header check comes first
         decode_image(encode_image(Image.new("L", (200, 200)), "PNG"), max_pixels=100,
                      reserve=refuse)
+
+
+def _jpeg(pixels: np.ndarray, **save_args) -> bytes:
+    mode = "L" if pixels.ndim == 2 else "RGB"
+    return encode_image_args(Image.fromarray(pixels, mode), "JPEG", **save_args)
+
+
+def encode_image_args(image: Image.Image, fmt: str, **save_args) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save_args)
+    return buf.getvalue()
+
+
+def _through_pillow(data: bytes, size: int) -> np.ndarray:
+    return imaging._to_model_input(imaging._open(data, imaging.MAX_PIXELS, size), data, size)
+
+
+PLAIN_JPEGS = {  # (height, width, grey?, save arguments), all without EXIF
+    "cifar": ((32, 32), False, {"quality": 75}),
+    "4:4:4": ((32, 32), False, {"quality": 95, "subsampling": 0}),
+    "4:2:2": ((32, 32), False, {"subsampling": 1}),
+    "progressive": ((32, 32), False, {"progressive": True}),
+    "grey": ((32, 32), True, {}),
+    "odd size, resized": ((37, 51), False, {}),
+    "larger, under 4S": ((100, 120), False, {"quality": 90}),
+    "tiny": ((5, 7), False, {}),
+}
+
+
+@pytest.mark.parametrize("name", PLAIN_JPEGS)
+def test_plain_jpegs_decode_as_pillow_decodes_them(name):
+    """The libjpeg-turbo shortcut gives Pillow's pixels exactly, whatever the JPEG's options."""
+    shape, grey, save_args = PLAIN_JPEGS[name]
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, shape if grey else (*shape, 3), dtype=np.uint8)
+    pixels = np.clip(pixels.astype(int) // 2 + 64, 0, 255).astype(np.uint8)
+    data = _jpeg(pixels, **save_args)
+    assert imaging._plain_jpeg(data, imaging.MAX_PIXELS, 32) is not None  # the shortcut runs
+    np.testing.assert_array_equal(decode_image(data), _through_pillow(data, 32))
+
+
+def test_jpegs_the_shortcut_leaves_to_pillow():
+    exif = Image.Exif()
+    exif[0x0112] = 3  # upside down
+    with_exif = encode_image_args(Image.new("RGB", (32, 32)), "JPEG", exif=exif)
+    cmyk = encode_image_args(Image.new("CMYK", (32, 32), (0, 255, 0, 0)), "JPEG")
+    large = encode_image_args(Image.new("RGB", (128, 300)), "JPEG")  # Pillow drafts at 1/2
+    for data in (with_exif, cmyk, large, b"\xff\xd8\xff"):
+        assert imaging._plain_jpeg(data, imaging.MAX_PIXELS, 32) is None
+    assert imaging._plain_jpeg(large, 10_000, 64) is None  # over the pixel limit
+    np.testing.assert_array_equal(decode_image(cmyk), _through_pillow(cmyk, 32))
+
+
+def test_a_truncated_plain_jpeg_gets_pillows_error():
+    data = _jpeg(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    cut = data[: len(data) * 3 // 4]  # headers whole, scan data cut short
+    assert imaging._plain_jpeg(cut, imaging.MAX_PIXELS, 32) is not None
+    recorder = Recorder()
+    with pytest.raises(ImageError, match="corrupt or truncated JPEG") as err:
+        decode_image(cut, reserve=recorder.reserve)
+    assert err.value.status == 400 and recorder.held == 0

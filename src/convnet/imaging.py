@@ -18,6 +18,13 @@ Policy, in order, the same for every S:
 4. EXIF orientation is applied, any mode becomes RGB (transparency is composited onto white).
 5. The largest centred square is cropped and resized to S x S with a Lanczos filter, shrinking
    or enlarging as needed. An image that is already S x S passes through untouched.
+
+Most uploads to a thumbnail model are small JPEGs without EXIF (a CIFAR image is 32 x 32): those
+that need no reduced-scale decoding are decoded by libjpeg-turbo through simplejpeg, straight
+to RGB, about 7x faster than through Pillow's Python-level file parsing (11 against 78 us for a
+32 x 32 JPEG on the dev machine) and pixel for pixel the same (tests/test_imaging.py). Anything
+else, and any JPEG simplejpeg does not decode cleanly, takes Pillow's path, whose errors say
+what is wrong.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import zlib
 from collections.abc import Callable
 
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 SIZE = 32  # default `size`, pixels: the side of CIFAR-10 images and of the bundled model
@@ -128,6 +136,12 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS, size: int = SIZE,
     context manager it returns is held until those pixels are freed again. The server bounds
     the pixels its threads hold at once with it; what it raises propagates unchanged.
     """
+    fast = _plain_jpeg(data, max_pixels, size)
+    if fast is not None:
+        with reserve(fast[0] * fast[1]) if reserve else contextlib.nullcontext():
+            rgb = _decode_plain_jpeg(data)
+            if rgb is not None:
+                return rgb if rgb.shape[:2] == (size, size) else _fit(Image.fromarray(rgb), size)
     img = _open(data, max_pixels, size)
     width, height = img.size
     with reserve(width * height) if reserve else contextlib.nullcontext():
@@ -193,6 +207,56 @@ def _to_model_input(img: Image.Image, data: bytes, size: int) -> np.ndarray:
     except Exception as exc:  # truncated or corrupt pixel data
         raise ImageError(f"corrupt or truncated {img.format} image: {exc}") from None
 
+    return _fit(rgb, size)
+
+
+def _fit(rgb: Image.Image, size: int) -> np.ndarray:
     if rgb.size != (size, size):
         rgb = ImageOps.fit(rgb, (size, size), method=Image.Resampling.LANCZOS)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def _plain_jpeg(data: bytes, max_pixels: int, size: int) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that simplejpeg may decode for Pillow: no EXIF (whose
+    orientation Pillow applies), colour or grey, within the pixel limit, and small enough that
+    Pillow would not decode it at a reduced scale (step 3 above: under 4S on its shorter side).
+    None for anything else."""
+    if not data.startswith(b"\xff\xd8") or _has_exif(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if (colorspace not in ("YCbCr", "Gray") or width * height > max_pixels
+            or min(width, height) >= 4 * size or min(width, height) < 1):
+        return None
+    return width, height
+
+
+def _decode_plain_jpeg(data: bytes) -> np.ndarray | None:
+    """RGB pixels, or None where libjpeg-turbo finds the data damaged (Pillow's path then
+    says how)."""
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError:
+        return None
+
+
+def _has_exif(data: bytes) -> bool:
+    """Whether an APP1 Exif segment comes before the JPEG's image data (or the markers cannot
+    be followed, which counts as yes: Pillow's path decides then)."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return True
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan, end of image: no more headers
+            return False
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            return True
+        pos += 2 + length
+    return True
