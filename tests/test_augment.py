@@ -45,3 +45,15 @@ def test_photo_batch_is_uint8_of_the_same_shape_and_mirrors_about_half():
     assert 150 < mirrored.sum() < 250
     np.testing.assert_array_equal(
         augment.photo_batch(images, np.random.default_rng(3), (1.0, 1.0), flip=False), images)
+
+
+@pytest.mark.parametrize(("size", "chunk"), [(24, 512), (16, 3), (20, 1000)])
+def test_downscale_is_pillow_s_antialiased_resize_of_each_image(size, chunk):
+    from PIL import Image
+
+    images = noise(7, 32)[:, :, ::-1]  # a mirrored view, as the odd epochs hand it over
+    expected = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize(
+        (size, size), Image.Resampling.BILINEAR)) for im in images])
+    out = augment.downscale(images, size, chunk=chunk)  # chunk 3: a short last strip
+    assert out.shape == (7, size, size, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)

@@ -184,3 +184,51 @@ def test_outliers_split_evenly_over_processes():
              for i in range(2)]
     assert [len(p[0]) for p in parts] == [10, 10]
     np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), whole[1])
+
+
+# --- progressive resizing: the first epochs downscaled ------------------------------------------
+
+def test_progressive_epochs_are_the_plain_epochs_downscaled_then_the_plain_ones():
+    split = noise_split(64)
+    cfg = TrainConfig(batch_size=16, seed=4, progressive=(24, 2))
+    batches, plain = Batches(split, cfg, 3), Batches(split, TrainConfig(batch_size=16, seed=4), 3)
+    assert [batches.image_size(e) for e in range(4)] == [24, 24, 32, 32]
+    for i in range(4 * batches.steps_per_epoch):  # four epochs of four batches
+        (x, y), (px, py) = batches[i], plain[i]
+        np.testing.assert_array_equal(y, py)  # the same order
+        if i < 2 * batches.steps_per_epoch:  # the same augmentation, then downscaled
+            assert x.shape == (16, 24, 24, 3)
+            np.testing.assert_array_equal(x, augment.downscale(px, 24))
+        else:  # and the full-size epochs are the plain run's, seeds and all
+            assert x.shape == (16, 32, 32, 3)
+            np.testing.assert_array_equal(x, px)
+
+
+def test_progressive_batches_resume_at_their_epoch_s_size():
+    split = noise_split(64)
+    cfg = TrainConfig(batch_size=16, seed=4, progressive=(20, 2))
+    run = Batches(split, cfg, 3)
+    whole = [run[i][0] for i in range(12)]
+    for epoch in (1, 2):
+        resumed = Batches(split, cfg, 3, epoch=epoch)
+        for i in range(4):
+            np.testing.assert_array_equal(resumed[i][0], whole[4 * epoch + i])
+    assert Batches(split, cfg, 3, epoch=1)[0][0].shape[1] == 20
+    assert Batches(split, cfg, 3, epoch=2)[0][0].shape[1] == 32
+
+
+def test_the_tensorflow_pipeline_takes_both_sizes_only_when_progressive():
+    pytest.importorskip("tensorflow")
+    split = noise_split(32)
+    plain = Batches(split, TrainConfig(batch_size=16), 3).tf_dataset()
+    assert plain.element_spec[0].shape == (16, 32, 32, 3)  # as before: one fixed shape
+    dataset = Batches(split, TrainConfig(batch_size=16, progressive=(24, 1)), 3).tf_dataset()
+    assert dataset.element_spec[0].shape.as_list() == [16, None, None, 3]
+    sizes = [x.shape[1] for x, _ in dataset.take(4)]  # two epochs of two batches
+    assert sizes == [24, 24, 32, 32]
+
+
+def test_progressive_resizing_needs_whole_epochs():
+    with pytest.raises(ValueError, match="photo"):
+        Batches(noise_split(32), TrainConfig(batch_size=16, augment="photo",
+                                             progressive=(24, 1)), 3)

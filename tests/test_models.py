@@ -103,3 +103,17 @@ def test_whitening_in_chunks_equals_whitening_at_once(monkeypatch):
     monkeypatch.setattr(models, "WHITEN_CHUNK", 20 * 20 * 27 * 3)  # three images a chunk
     np.testing.assert_allclose(models.whitening_kernel(images, 3, 54), whole, rtol=1e-3,
                                atol=1e-4)
+
+
+def test_an_any_size_model_takes_every_size_and_keeps_the_full_size_s_architecture():
+    fixed, flexible = (models.build("quick", 5, image_size=64, any_size=a) for a in (False, True))
+    assert tuple(flexible.input.shape) == (None, None, None, 3)
+    assert [tuple(w.shape) for w in flexible.weights] == [tuple(w.shape) for w in fixed.weights]
+    assert flexible.get_layer("whiten").kernel_size == (2, 2)  # 64 px's stem, not 32 px's
+    for size in (48, 64):
+        x = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+        assert tuple(flexible(x, training=False).shape) == (2, 5)
+    with pytest.raises(ValueError, match="any size"):
+        models.input_size(flexible)
+    with pytest.raises(ValueError, match="tutorial"):
+        models.build("tutorial", 5, any_size=True)

@@ -3,6 +3,7 @@ training options' promises (time limit, validation split, test file, precision, 
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -342,6 +343,28 @@ def test_time_limit_stops_at_the_last_epoch_that_fits():
     assert ran == 2  # a third would end at 30 s, past 25
 
 
+def test_the_time_limit_expects_a_full_size_epoch_to_cost_more_than_a_low_resolution_one():
+    from convnet.train.fit_loop import TimeLimit
+
+    def side(epoch):
+        return 24 if epoch < 2 else 32
+
+    clock = TimeLimitClock()
+    limit = TimeLimit(35, clock=clock, cost=lambda epoch: side(epoch) ** 2)
+    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
+    limit.model.stop_training = False
+    limit.on_train_begin()
+    ran = 0
+    for epoch in range(10):
+        limit.on_epoch_begin(epoch)
+        clock.now += 10 * side(epoch) ** 2 / 24**2
+        limit.on_epoch_end(epoch)
+        ran += 1
+        if limit.model.stop_training:
+            break
+    assert ran == 2  # the third, at 32 px, would take 17.8 s and end past 35 (not 30: inside)
+
+
 def test_a_fractional_epoch_count_ends_part_way_through_the_last_epoch(resume_split, tmp_path):
     steps = []
 
@@ -476,3 +499,127 @@ def test_resume_restores_the_checkpoint_and_ends_where_an_uninterrupted_run_ends
         np.testing.assert_allclose(b, a, rtol=0, atol=RESUME_TOLERANCE)
     assert [int(r["epoch"]) for r in log_rows(version)] == [0, 1, 2, 3, 4]
     assert version.name == "1"
+
+
+# --- progressive resizing ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def progressive_run(dataset, tmp_path_factory):
+    """One CLI run whose first epoch trains at 24 px, with a validation split."""
+    out = tmp_path_factory.mktemp("progressive") / "out"
+    result = CliRunner().invoke(main, [
+        "train", "--data", str(dataset), "--out", str(out), "--preset", "quick",
+        "--epochs", "2", "--batch-size", "32", "--progressive", "24:1", "--val-split", "0.25",
+        "--no-cache"])
+    assert result.exit_code == 0, result.output
+    return out / "1", result.output
+
+
+def test_progressive_training_publishes_a_full_size_model(progressive_run):
+    import onnx
+
+    version, output = progressive_run
+    assert "2 epochs (the first 1 at 24x24)" in output
+    config = json.loads((version / "config.json").read_text())
+    metrics = json.loads((version / "metrics.json").read_text())
+    assert config["progressive"] == [24, 1] and metrics["image_size"] == 32
+    published = keras.models.load_model(version / "model.keras", compile=False)
+    assert tuple(published.input.shape) == (None, 32, 32, 3)
+    graph_input = onnx.load(str(version / "model.onnx")).graph.input[0]
+    assert [d.dim_value for d in graph_input.type.tensor_type.shape.dim][1:] == [32, 32, 3]
+    assert metrics["onnx_max_abs_diff"] <= 1e-4 and metrics["accuracy"] > 0.5
+    rows = log_rows(version)  # both epochs scored on the held-out images, at 32 px
+    assert len(rows) == 2 and all(0 <= float(r["val_accuracy"]) <= 1 for r in rows)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(progressive=(8, 1)), "at least 16 px"),
+    (dict(progressive=(32, 1)), "less than the images' 32 px"),
+    (dict(progressive=(24, 0)), "more than 0"),
+    (dict(progressive=(24, 3)), "fewer than the run's 3"),
+    (dict(progressive=(24, 1), preset="tutorial"), "not with the tutorial preset"),
+    (dict(progressive=(24, 1), augment="photo"), "not with --augment photo"),
+    (dict(progressive=(24, 1), loop="device"), "--loop device does not work with.*--progressive"),
+])
+def test_progressive_values_that_cannot_run_are_refused(resume_split, tmp_path, change, message):
+    cfg = training.TrainConfig(**{"preset": "quick", "epochs": 3, "batch_size": 32, **change})
+    with pytest.raises(training.TrainError, match=message):
+        training.train(cfg, resume_split, tmp_path, verbose=0)
+    assert not (tmp_path / "1").exists()
+
+
+def test_progressive_is_for_tensorflow_s_fit_loop_only():
+    from convnet.train.config import check_progressive
+
+    cfg = training.TrainConfig(preset="quick", epochs=3, image_size=32, progressive=(24, 1))
+    check_progressive(cfg, "fit", "tensorflow")
+    with pytest.raises(training.TrainError, match="not with the jax backend"):
+        check_progressive(cfg, "fit", "jax")
+
+
+@pytest.mark.parametrize("value", ["24", "24:x", "0:2", "24:0", ":", "24:-1"])
+def test_a_malformed_progressive_option_is_a_usage_error(value):
+    result = CliRunner().invoke(main, ["train", "--data", ".", "--progressive", value])
+    assert result.exit_code == 2 and "SIZE:EPOCHS" in result.output
+
+
+class TraceCount(keras.callbacks.Callback):
+    """The input shapes the train step is traced with: Keras calls `model.train_step` in
+    Python only while tracing it into a graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def set_model(self, model):  # before fit makes its train function
+        super().set_model(model)
+        if "train_step" not in vars(model):
+            step = model.train_step
+
+            def counted(data):
+                self.shapes.append(tuple(data[0].shape))
+                return step(data)
+
+            model.train_step = counted
+
+
+PROGRESSIVE_CFG = training.TrainConfig(preset="quick", epochs=4, batch_size=32, tta=False,
+                                       progressive=(24, 2))
+
+
+@pytest.fixture(scope="module")
+def progressive_uninterrupted(resume_split, tmp_path_factory):
+    """(final weights, train step traces) of an uninterrupted progressive run."""
+    traces = TraceCount()
+    version = training.train(PROGRESSIVE_CFG, resume_split, tmp_path_factory.mktemp("prog"),
+                             callbacks=(traces,), verbose=0)
+    return final_weights(version), traces.shapes
+
+
+def test_progressive_traces_the_train_step_no_more_often_than_a_plain_run(
+        progressive_uninterrupted, resume_split, tmp_path):
+    _, shapes = progressive_uninterrupted
+    plain = TraceCount()
+    training.train(replace(PROGRESSIVE_CFG, progressive=None), resume_split, tmp_path,
+                   callbacks=(plain,), verbose=0)
+    assert len(shapes) == len(plain.shapes)  # no retrace at the switch, none per step
+    assert all(s[1:] == (None, None, 3) for s in shapes)  # one graph for both sizes
+    assert all(s[1:] == (32, 32, 3) for s in plain.shapes)  # and the plain run's is as before
+
+
+def test_progressive_resumed_after_a_low_resolution_epoch_ends_as_an_uninterrupted_run(
+        progressive_uninterrupted, resume_split, tmp_path):
+    weights, _ = progressive_uninterrupted
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:  # of the two at 24 px
+                raise KeyboardInterrupt
+
+    out = tmp_path / "m"
+    with pytest.raises(KeyboardInterrupt):
+        training.train(PROGRESSIVE_CFG, resume_split, out, callbacks=(Interrupt(),), verbose=0)
+    version = training.train(PROGRESSIVE_CFG, resume_split, out, resume=True, verbose=0)
+    for a, b in zip(weights, final_weights(version), strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=RESUME_TOLERANCE)
+    assert [int(r["epoch"]) for r in log_rows(version)] == [0, 1, 2, 3]

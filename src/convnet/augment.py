@@ -5,7 +5,8 @@ all see exactly the same pixels.
 
 Two training policies (train.batches applies them):
 - airbench (CIFAR-style thumbnails): random flips and translations of a few pixels, applied to a
-  whole epoch at once;
+  whole epoch at once (with progressive resizing the first epochs are then downscaled:
+  `downscale`);
 - photo: a batch at a time, optional random resized crops (`crop_boxes`, `crop_resize`: a box
   of a given share of the area, aspect ratio 3:4 to 4:3, resized back to S x S), translations,
   a random mirror (`photo_batch`), and CutMix on a share of the batches (`cutmix`). Nothing
@@ -45,6 +46,35 @@ def random_translate(images: np.ndarray, pixels: int, rng: np.random.Generator) 
             idx = np.flatnonzero((dy == y) & (dx == x))
             if len(idx):
                 out[idx] = padded[idx, y : y + h, x : x + w]
+    return out
+
+
+# Images per Pillow call in `downscale`: strips of 512 thumbnails stay in the cache. 50,000
+# images from 32 to 24 px on this machine: 0.55 s (0.8 s from the mirrored view of an odd
+# epoch), against 0.7 s in strips of 16,384, 1.4 s one image at a time and 6 s for
+# tf.image.resize(antialias=True)
+DOWNSCALE_CHUNK = 512
+
+
+def downscale(images: np.ndarray, size: int, chunk: int = DOWNSCALE_CHUNK) -> np.ndarray:
+    """(N, S, S, 3) uint8 -> (N, size, size, 3): Pillow's antialiased bilinear resize of each
+    image, exactly (the same pixels as Image.resize one image at a time), two passes of one
+    Pillow call per `chunk` images: the images' rows stacked into one tall picture for the
+    horizontal pass, their columns side by side in one wide picture for the vertical pass (as
+    Pillow itself resizes, horizontal then vertical through 8 bits), so no filter ever spans
+    two images."""
+    n, height, width, channels = images.shape
+    out = np.empty((n, size, size, channels), np.uint8)
+    for start in range(0, n, chunk):
+        part = np.ascontiguousarray(images[start:start + chunk])
+        m = len(part)
+        tall = Image.fromarray(part.reshape(m * height, width, channels))
+        narrow = np.asarray(tall.resize((size, m * height), Image.Resampling.BILINEAR))
+        wide = np.ascontiguousarray(narrow.reshape(m, height, size, channels)
+                                    .transpose(1, 0, 2, 3)).reshape(height, m * size, channels)
+        short = np.asarray(Image.fromarray(wide).resize((m * size, size),
+                                                        Image.Resampling.BILINEAR))
+        out[start:start + m] = short.reshape(size, m, size, channels).transpose(1, 0, 2, 3)
     return out
 
 

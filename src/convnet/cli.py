@@ -115,6 +115,19 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
     click.echo(path)
 
 
+def _size_epochs(ctx, param, value: str | None) -> tuple[int, int] | None:
+    """SIZE:EPOCHS -> (SIZE, EPOCHS), two positive integers; what they must be beside the
+    data and the run's epochs is train()'s to check (train.config.check_progressive)."""
+    if value is None:
+        return None
+    size, colon, epochs = value.partition(":")
+    if colon and size.strip().isdigit() and epochs.strip().isdigit():
+        parsed = int(size), int(epochs)
+        if min(parsed) > 0:
+            return parsed
+    raise click.BadParameter(f"{value!r} is not SIZE:EPOCHS, two positive integers (e.g. 24:4)")
+
+
 @main.command()
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True),
               help="Dataset: CIFAR-10 batches (folder or tarball), image folder or archive.")
@@ -193,6 +206,10 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
                    "(Muon for conv kernels, SGD for the rest; model.fit only); auto: muon for "
                    "fast and quick on model.fit with thumbnails and at least 20,000 images, "
                    "else sgd.")
+@click.option("--progressive", metavar="SIZE:EPOCHS", default=None, callback=_size_epochs,
+              help="Progressive resizing: the first EPOCHS epochs train on images downscaled to "
+                   "SIZE x SIZE px (e.g. 24:4), the rest at the full size. fast and quick with "
+                   "airbench augmentation, on model.fit with TensorFlow.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out.")
 @click.option("--dry-run", is_flag=True,
               help="Print the model for --data (its classes, input size), parameters and FLOPs; "
@@ -205,9 +222,8 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
 def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr, seed, val_split,
           label_smoothing, translate, no_flip, augment, crop_scale, cutmix, outliers,
           class_weight, tta,
-          tensorboard, time_limit, data_parallel, distributed, loop, precision, optimizer, resume,
-          dry_run,
-          no_cache, extra):
+          tensorboard, time_limit, data_parallel, distributed, loop, precision, optimizer,
+          progressive, resume, dry_run, no_cache, extra):
     """Train a preset and write OUT/<version>/ (model.keras, model.onnx, labels, metrics).
     Input size, augmentation, batch size and epochs default to what suits the data."""
     from convnet import data, sizing
@@ -258,7 +274,7 @@ def train(data_path, test_data, out, preset, image_size, epochs, batch_size, lr,
         data_parallel=data_parallel or distributed,
         loop=loop, precision=precision, image_size=size, augment=augment,
         crop_scale=crop_scale, cutmix=cutmix, class_weight=class_weight, outliers=outliers,
-        optimizer=optimizer,
+        optimizer=optimizer, progressive=progressive,
     )
     if lr is not None:
         cfg.lr = lr

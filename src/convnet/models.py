@@ -9,6 +9,7 @@ per-channel mean and standard deviation it subtracts and divides by are the trai
     build("quick", 10)                  the same family, narrower: for a short CPU budget
     build("tutorial", 10)               the original tutorial's three-conv network, the baseline
     build("fast", 5, image_size=64, stats=pixel_stats(images))
+    build("fast", 10, any_size=True)   takes images of any size; the stem still suits 32 px
 
 The airbench networks scale with S by their stem: at S >= 64 the whitening stem takes
 non-overlapping p x p patches (p = S // 32), so the conv groups see a map of about 32 x 32 whatever
@@ -158,8 +159,13 @@ def whitening_kernel(pixels, size: int, width: int, stats: PixelStats = CIFAR_ST
 
 
 def build_airbench(spec: AirbenchSpec, num_classes: int, name: str = "fast", *,
-                   image_size: int = 32, stats: PixelStats = CIFAR_STATS) -> keras.Model:
-    pixels = keras.Input((image_size, image_size, 3), dtype="uint8", name="pixels")
+                   image_size: int = 32, stats: PixelStats = CIFAR_STATS,
+                   any_size: bool = False) -> keras.Model:
+    """The airbench network for image_size x image_size pixels; with `any_size` its input
+    takes any height and width (the layers allow it: convs, max-pools, a global pool), while
+    the stem is still chosen for image_size."""
+    side = None if any_size else image_size
+    pixels = keras.Input((side, side, 3), dtype="uint8", name="pixels")
     x = _normalise(pixels, stats)
     # The stem's weights are set from the data by train.init_whitening and then frozen.
     patch, stride = stem_patch(image_size)
@@ -200,24 +206,34 @@ def build_tutorial(num_classes: int, image_size: int = 32) -> keras.Model:
 
 
 def build(preset: str, num_classes: int, *, image_size: int = 32,
-          stats: PixelStats = CIFAR_STATS) -> keras.Model:
+          stats: PixelStats = CIFAR_STATS, any_size: bool = False) -> keras.Model:
     """A fresh, untrained model returning logits for raw uint8 pixels (N, image_size,
-    image_size, 3), normalised by `stats` inside the graph (the tutorial net scales by 1/255)."""
+    image_size, 3), normalised by `stats` inside the graph (the tutorial net scales by 1/255).
+    `any_size` (airbench presets): the input takes (N, H, W, 3) of any H and W, and the
+    architecture is still image_size's; for training at several sizes (progressive resizing)."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
     if preset == "tutorial":
+        if any_size:
+            raise ValueError("the tutorial net takes one input size (its dense layer is sized "
+                             "by it)")
         return build_tutorial(num_classes, image_size)
     if preset in PRESETS:
         return build_airbench(PRESETS[preset], num_classes, name=preset, image_size=image_size,
-                              stats=stats)
+                              stats=stats, any_size=any_size)
     raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(NAMES)}")
 
 
 def input_size(model: keras.Model) -> int:
-    """S of a model taking (N, S, S, 3) pixels."""
-    return int(model.input.shape[1])
+    """S of a model taking (N, S, S, 3) pixels. A model built with any_size has none:
+    ValueError (whoever built it knows the size it was built for)."""
+    side = model.input.shape[1]
+    if side is None:
+        raise ValueError(f"the {model.name} model takes images of any size; give the size "
+                         "it was built for")
+    return int(side)
 
 
 def normalisation(model: keras.Model) -> PixelStats:

@@ -47,6 +47,7 @@ from convnet.train.config import (
     PRECISIONS,
     TrainConfig,
     TrainError,
+    check_progressive,
     default_batch_size,
     default_epochs,
     default_optimizer,
@@ -176,7 +177,7 @@ def choose_loop(cfg: TrainConfig, *, resume: bool = False, tensorboard: str | No
         (f"--image-size {cfg.image_size} (it trains at 32 px only)",
          cfg.image_size not in (None, 32)),
         ("--augment photo", cfg.augment == "photo"), ("--outliers", cfg.outliers),
-        ("--optimizer muon", cfg.optimizer == "muon"),
+        ("--optimizer muon", cfg.optimizer == "muon"), ("--progressive", cfg.progressive),
         ("class weights (--class-weight none turns them off)", weighted)) if present]
     if not blockers:
         return "device"
@@ -227,6 +228,7 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
         precision = fit_precision() if cfg.preset != "tutorial" else "float32"
     cfg = replace(cfg, batch_size=batch_size, epochs=epochs, optimizer=optimizer,
                   precision=precision)
+    check_progressive(cfg, loop, keras.backend.backend())
     if optimizer == "muon":
         changed = [name for name in SGD_SETTINGS
                    if getattr(cfg, name) != getattr(TrainConfig, name)]
@@ -242,8 +244,12 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
              "class_weights": None if weights is None else
              {c: round(float(w), 4) for c, w in zip(classes, weights, strict=True)}}
     if verbose:
+        low = ""
+        if cfg.progressive:
+            side, first = cfg.progressive
+            low = f" (the first {first} at {side}x{side})"
         print(f"{len(fit_split)} training images of {cfg.image_size}x{cfg.image_size} px, "
-              f"batch {batch_size}, {epochs:g} epochs; per class: " + ", ".join(
+              f"batch {batch_size}, {epochs:g} epochs{low}; per class: " + ", ".join(
                   f"{c} {n}" for c, n in counts.items()), flush=True)
     if loop == "device":
         model, seconds, epochs, history = _device_fit(cfg, fit_split, batch_size, epochs, stats,

@@ -20,7 +20,9 @@ class Batches(keras.utils.PyDataset):
     cfg.augment "airbench" augments as airbench does: a random half of the images mirrored
     once, then every epoch a fresh random translation and, on odd epochs, every image mirrored;
     the epoch's images are augmented in one vectorised pass the first time a batch of it is
-    asked for (two uint8 copies of the set: right for 32 px thumbnails). "photo" augments each
+    asked for (two uint8 copies of the set: right for 32 px thumbnails). cfg.progressive
+    (side, k) then downscales the augmented images of epochs 0 to k - 1 to side x side
+    (augment.downscale: under a second for 50,000 from 32 to 24 px). "photo" augments each
     batch as it is asked for (augment.photo_batch: random resized crop and mirror), so nothing
     but the batch is ever copied, whatever the size of the set.
 
@@ -52,6 +54,9 @@ class Batches(keras.utils.PyDataset):
         self.outlier_count = int(round(cfg.outliers * self.batch_size)) // shard[1] * shard[1]
         self.rows = self.batch_size + self.outlier_count
         self.per_batch = cfg.augment == "photo"
+        if cfg.progressive and self.per_batch:
+            raise ValueError("progressive resizing downscales airbench's whole epochs; "
+                             "--augment photo has none")
         self.base = split.images
         if cfg.flip and not self.per_batch:
             rng = np.random.default_rng([cfg.seed, 1])  # apart from the per-epoch streams
@@ -69,12 +74,21 @@ class Batches(keras.utils.PyDataset):
         self.order = self.rng.permutation(len(self.split))
         self.images: np.ndarray | None = None
 
+    def image_size(self, epoch: int) -> int:
+        """The side of the images that epoch `epoch` (from 0) trains on."""
+        if self.cfg.progressive and epoch < self.cfg.progressive[1]:
+            return self.cfg.progressive[0]
+        return self.split.images.shape[1]
+
     def _epoch_images(self) -> np.ndarray:
         if self.per_batch:
             return self.split.images
         if self.images is None:
             images = augment.random_translate(self.base, self.translate, self.rng)
             images = images[:, :, ::-1] if self.cfg.flip and self.epoch % 2 else images
+            size = self.image_size(self.epoch)
+            if size != images.shape[1]:  # no random draws: the later epochs' are unchanged
+                images = augment.downscale(images, size)
             self.images = images
             return images
         return self.images
@@ -92,7 +106,11 @@ class Batches(keras.utils.PyDataset):
         import tensorflow as tf
 
         size = self.rows
-        signature = [tf.TensorSpec((size, *self.split.images.shape[1:]), tf.uint8),
+        # Keras traces the train step on the iterator's element spec: with progressive
+        # resizing one trace, of any height and width, serves both sizes (no retrace at the
+        # switch); without, the images' fixed shape, as before.
+        pixels = (None, None, 3) if self.cfg.progressive else self.split.images.shape[1:]
+        signature = [tf.TensorSpec((size, *pixels), tf.uint8),
                      tf.TensorSpec((size, self.num_classes), tf.float32)]
         if self.weights is not None:
             signature.append(tf.TensorSpec((size,), tf.float32))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from convnet import sizing
+from convnet import models, sizing
 
 
 @dataclass
@@ -40,6 +40,8 @@ class TrainConfig:
     # device_loop.default_precision)
     optimizer: str = "auto"  # "sgd" (airbench94), "muon" (airbench94_muon) or "auto"
     # ("auto": default_optimizer)
+    progressive: tuple[int, int] | None = None  # (side in pixels, epochs): the first epochs
+    # train on images downscaled to side x side, the rest at image_size; None: all at image_size
 
 
 class TrainError(ValueError):
@@ -111,6 +113,32 @@ def default_epochs(preset: str, loop: str, num_train: int, optimizer: str = "sgd
         return sizing.epochs_for(num_train, MUON_EPOCHS[preset])
     return sizing.epochs_for(num_train, (DEVICE_EPOCHS if loop == "device" else
                                          PRESET_EPOCHS)[preset])
+
+
+def check_progressive(cfg: TrainConfig, loop: str, backend: str) -> None:
+    """TrainError unless cfg.progressive (side, epochs) can run in this resolved cfg (image_size
+    and epochs set): model.fit on TensorFlow (it traces one train step for both sizes), an
+    airbench preset with airbench augmentation (the epoch is downscaled after it is augmented),
+    a side from models.MIN_IMAGE_SIZE up to below image_size, and fewer epochs than the run."""
+    if cfg.progressive is None:
+        return
+    side, epochs = cfg.progressive
+    where = [what for what, wrong in (
+        (f"the {cfg.preset} preset", cfg.preset not in models.PRESETS),
+        (f"--augment {cfg.augment}", cfg.augment != "airbench"),
+        ("the device loop", loop != "fit"),
+        (f"the {backend} backend", backend != "tensorflow")) if wrong]
+    if where:
+        raise TrainError("--progressive works with model.fit on TensorFlow, for the fast and "
+                         "quick presets with airbench augmentation; not with " + ", ".join(where))
+    full = cfg.image_size or 32
+    if not models.MIN_IMAGE_SIZE <= side < full:
+        raise TrainError(f"--progressive {side}:{epochs}: the side must be at least "
+                         f"{models.MIN_IMAGE_SIZE} px and less than the images' {full} px")
+    total = cfg.epochs or 0
+    if not 0 < epochs < total:
+        raise TrainError(f"--progressive {side}:{epochs}: the epochs at {side} px must be more "
+                         f"than 0 and fewer than the run's {total:g}")
 
 
 def with_augmentation(cfg: TrainConfig) -> TrainConfig:

@@ -25,11 +25,14 @@ log = logging.getLogger(__name__)
 
 class TimeLimit(keras.callbacks.Callback):
     """Stop after the last epoch that can finish within `seconds` of training time (judged by
-    the previous epoch's duration): how the benchmark gives every preset the same budget."""
+    the previous epoch's duration): how the benchmark gives every preset the same budget.
+    `cost(epoch)`, if given, is an epoch's relative cost, which scales the judgement from one
+    epoch to the next (progressive resizing: pixels per image)."""
 
-    def __init__(self, seconds: float, clock=time.time):
+    def __init__(self, seconds: float, clock=time.time, cost=None):
         super().__init__()
         self.seconds, self.clock = seconds, clock
+        self.cost = cost or (lambda epoch: 1)
 
     def on_train_begin(self, logs=None):
         self.started = self.epoch_started = self.clock()
@@ -39,7 +42,8 @@ class TimeLimit(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         now = self.clock()
-        if now + (now - self.epoch_started) > self.started + self.seconds:
+        next_epoch = (now - self.epoch_started) * self.cost(epoch + 1) / self.cost(epoch)
+        if now + next_epoch > self.started + self.seconds:
             self.model.stop_training = True
 
 
@@ -133,7 +137,7 @@ def run_fit(cfg: TrainConfig, batches: Batches, val_split: Split | None, epochs:
     if verbose:
         used.append(EpochProgress(whole, steps))
     if cfg.time_limit:
-        used.append(TimeLimit(cfg.time_limit))
+        used.append(TimeLimit(cfg.time_limit, cost=lambda epoch: batches.image_size(epoch) ** 2))
     if tensorboard:
         used.append(keras.callbacks.TensorBoard(tensorboard, write_graph=True))
     validation = None

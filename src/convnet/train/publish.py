@@ -86,7 +86,7 @@ def publish(model: keras.Model, cfg: TrainConfig, out: Path, classes: list[str],
     `facts` (the training data's class counts, normalisation, class weights) go into
     metrics.json as they are. Given `calibration_split` (images the weights never saw), the
     ONNX model is calibrated on it (convnet.calibrate) before publishing."""
-    model = as_float32(model, cfg.preset)
+    model = as_float32(model, cfg.preset, cfg.image_size)  # fixed size, float32
     served = models.with_softmax(model)
     staged = modeldir.staging_dir(out)
     try:

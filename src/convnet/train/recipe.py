@@ -113,10 +113,13 @@ def build_model(cfg: TrainConfig, images: np.ndarray, num_classes: int, steps: i
                 steps_per_epoch: int | None = None) -> keras.Model:
     """A compiled model as a fresh run starts it, for the images' size and normalised by
     `stats` (default: the images' own). A resumed run builds the same one and loads the
-    checkpoint into it, so its optimizer has the variables the checkpoint was saved with."""
+    checkpoint into it, so its optimizer has the variables the checkpoint was saved with.
+    With cfg.progressive its input takes any size (as_float32 fixes it for export); the stem
+    is set from the full-size images either way."""
     stats = stats or models.pixel_stats(images)
     with dtype_policy("mixed_bfloat16" if cfg.precision == "bfloat16" else "float32"):
-        model = models.build(cfg.preset, num_classes, image_size=images.shape[1], stats=stats)
+        model = models.build(cfg.preset, num_classes, image_size=images.shape[1], stats=stats,
+                             any_size=cfg.progressive is not None)
     if cfg.preset != "tutorial":
         init_airbench(model, cfg.seed)
         init_whitening(model, images, cfg.seed, stats)
@@ -125,11 +128,14 @@ def build_model(cfg: TrainConfig, images: np.ndarray, num_classes: int, steps: i
     return model
 
 
-def as_float32(model: keras.Model, preset: str) -> keras.Model:
-    """The same weights in a float32 model: what is saved and exported, whatever trained."""
-    if model.dtype_policy.name == "float32":
+def as_float32(model: keras.Model, preset: str, image_size: int | None = None) -> keras.Model:
+    """The same weights in a float32 model taking image_size x image_size pixels (default:
+    the model's own size): what is saved and exported, whatever trained (bfloat16, or a model
+    of any input size, as progressive resizing trains)."""
+    size = image_size or models.input_size(model)
+    if model.dtype_policy.name == "float32" and model.input.shape[1:3] == (size, size):
         return model
-    clone = models.build(preset, model.output.shape[-1], image_size=models.input_size(model),
+    clone = models.build(preset, model.output.shape[-1], image_size=size,
                          stats=models.normalisation(model))
     values = {v.path: v.numpy() for v in model.variables}
     for variable in clone.variables:
