@@ -563,6 +563,12 @@ def test_a_malformed_progressive_option_is_a_usage_error(value):
     assert result.exit_code == 2 and "SIZE:EPOCHS" in result.output
 
 
+def test_progressive_off_is_an_accepted_value(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--data", str(tmp_path),
+                                       "--progressive", "off"])
+    assert "no images found" in result.output and "SIZE:EPOCHS" not in result.output
+
+
 class TraceCount(keras.callbacks.Callback):
     """The input shapes the train step is traced with: Keras calls `model.train_step` in
     Python only while tracing it into a graph."""
@@ -600,7 +606,7 @@ def test_progressive_traces_the_train_step_no_more_often_than_a_plain_run(
         progressive_uninterrupted, resume_split, tmp_path):
     _, shapes = progressive_uninterrupted
     plain = TraceCount()
-    training.train(replace(PROGRESSIVE_CFG, progressive=None), resume_split, tmp_path,
+    training.train(replace(PROGRESSIVE_CFG, progressive="off"), resume_split, tmp_path,
                    callbacks=(plain,), verbose=0)
     assert len(shapes) == len(plain.shapes)  # no retrace at the switch, none per step
     assert all(s[1:] == (None, None, 3) for s in shapes)  # one graph for both sizes
@@ -623,3 +629,19 @@ def test_progressive_resumed_after_a_low_resolution_epoch_ends_as_an_uninterrupt
     for a, b in zip(weights, final_weights(version), strict=True):
         np.testing.assert_allclose(b, a, rtol=0, atol=RESUME_TOLERANCE)
     assert [int(r["epoch"]) for r in log_rows(version)] == [0, 1, 2, 3]
+
+
+def test_fast_with_muon_resizes_progressively_by_default_only_with_its_own_epochs():
+    from convnet.train.config import TrainConfig, default_progressive
+
+    fast = TrainConfig(preset="fast", optimizer="muon", epochs=11, image_size=32)
+    assert default_progressive(fast, "fit", "tensorflow", epochs_given=False) == (24, 5)
+    assert default_progressive(replace(fast, image_size=64, epochs=22), "fit", "tensorflow",
+                               epochs_given=False) == (48, 10)
+    for cfg, loop, backend, given in (
+            (fast, "fit", "tensorflow", True),  # --epochs N: all at full size
+            (replace(fast, optimizer="sgd"), "fit", "tensorflow", False),
+            (replace(fast, preset="quick", epochs=8), "fit", "tensorflow", False),
+            (replace(fast, augment="photo"), "fit", "tensorflow", False),
+            (fast, "device", "jax", False), (fast, "fit", "jax", False)):
+        assert default_progressive(cfg, loop, backend, epochs_given=given) is None

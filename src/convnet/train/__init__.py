@@ -51,6 +51,7 @@ from convnet.train.config import (
     default_batch_size,
     default_epochs,
     default_optimizer,
+    default_progressive,
     with_augmentation,
 )
 from convnet.train.fit_loop import data_parallel, fit_steps, run_fit
@@ -177,7 +178,8 @@ def choose_loop(cfg: TrainConfig, *, resume: bool = False, tensorboard: str | No
         (f"--image-size {cfg.image_size} (it trains at 32 px only)",
          cfg.image_size not in (None, 32)),
         ("--augment photo", cfg.augment == "photo"), ("--outliers", cfg.outliers),
-        ("--optimizer muon", cfg.optimizer == "muon"), ("--progressive", cfg.progressive),
+        ("--optimizer muon", cfg.optimizer == "muon"),
+        ("--progressive", cfg.progressive not in (None, "off")),
         ("class weights (--class-weight none turns them off)", weighted)) if present]
     if not blockers:
         return "device"
@@ -221,6 +223,7 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
         optimizer = default_optimizer(cfg.preset, loop, cfg.augment, len(fit_split))
     batch_size = cfg.batch_size or default_batch_size(cfg.preset, loop, len(fit_split),
                                                       optimizer)
+    given_epochs = cfg.epochs
     epochs = cfg.epochs or default_epochs(cfg.preset, loop, len(fit_split), optimizer)
     epochs = int(epochs) if float(epochs).is_integer() else float(epochs)  # 8, not 8.0
     precision = cfg.precision
@@ -228,6 +231,11 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
         precision = fit_precision() if cfg.preset != "tutorial" else "float32"
     cfg = replace(cfg, batch_size=batch_size, epochs=epochs, optimizer=optimizer,
                   precision=precision)
+    if cfg.progressive is None:
+        cfg = replace(cfg, progressive=default_progressive(cfg, loop, keras.backend.backend(),
+                                                           epochs_given=bool(given_epochs)))
+    elif cfg.progressive == "off":
+        cfg = replace(cfg, progressive=None)
     check_progressive(cfg, loop, keras.backend.backend())
     if optimizer == "muon":
         changed = [name for name in SGD_SETTINGS
