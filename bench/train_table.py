@@ -11,9 +11,9 @@ from pathlib import Path
 
 from common import write_results
 
-HEAD = ("| machine | backend | preset | optimizer | precision | seed | batch | epochs | train s "
-        "| wall s | test acc (TTA) | test acc (no TTA) |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+HEAD = ("| machine | backend | preset | optimizer | precision | seed | batch | epochs "
+        "| low-res epochs | train s | wall s | test acc (TTA) | test acc (no TTA) |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def run_facts(vdir: Path) -> dict:
@@ -28,16 +28,23 @@ def run_facts(vdir: Path) -> dict:
             "optimizer": cfg.get("optimizer", "adam" if m["preset"] == "tutorial" else "sgd"),
             "precision": cfg.get("precision"), "seed": cfg.get("seed"),
             "batch_size": cfg.get("batch_size"), "epochs": m["epochs"],
+            "progressive": cfg.get("progressive"),  # [side, epochs] of progressive resizing
             "train_seconds": m["train_seconds"],
             "wall_seconds": float(wall.read_text()) if wall.is_file()
             else m.get("total_seconds", float("nan")),
             "accuracy": m["accuracy"], "accuracy_no_tta": m["accuracy_no_tta"]}
 
 
+def low_res(progressive) -> str:
+    """"5 at 24 px" for progressive resizing's [24, 5]; "-" for none."""
+    return f"{progressive[1]} at {progressive[0]} px" if progressive else "-"
+
+
 def row(r: dict) -> str:
     return (f"| {r['machine']} | {r['backend']} | {r['preset']} | {r['optimizer']} | "
             f"{r['precision']} | {r['seed']} | "
-            f"{r['batch_size']} | {r['epochs']} | {r['train_seconds']:.0f} | "
+            f"{r['batch_size']} | {r['epochs']} | {low_res(r['progressive'])} | "
+            f"{r['train_seconds']:.0f} | "
             f"{r['wall_seconds']:.0f} | {r['accuracy'] * 100:.2f}% | "
             f"{r['accuracy_no_tta'] * 100:.2f}% |")
 

@@ -244,3 +244,19 @@ class TestCors:
         assert "POST" in response.headers["Access-Control-Allow-Methods"]
         assert response.headers["Access-Control-Allow-Headers"] == (
             "Content-Type, Authorization, X-API-Key, X-Request-Id")
+
+
+def test_the_app_asks_once_whether_a_view_or_hook_is_a_coroutine(app, client, red_png,
+                                                                   monkeypatch):
+    import inspect
+
+    from flask import Flask
+
+    asked = []
+    real = Flask.ensure_sync
+    monkeypatch.setattr(Flask, "ensure_sync", lambda self, f: asked.append(f) or real(self, f))
+    for _ in range(3):
+        assert client.post("/api/v1/predict", data=red_png,
+                           content_type="image/png").status_code == 200
+    assert asked and len(asked) == len(set(asked))  # each function checked once, then remembered
+    assert not any(inspect.iscoroutinefunction(f) for f in asked)
