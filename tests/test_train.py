@@ -324,44 +324,36 @@ class TimeLimitClock:
         return self.now
 
 
-def test_time_limit_stops_at_the_last_epoch_that_fits():
+def epochs_within(seconds: float, epoch_seconds, cost=None) -> int:
+    """How many epochs TimeLimit(seconds) lets run when epoch e takes epoch_seconds(e)."""
     from convnet.train.fit_loop import TimeLimit
 
     clock = TimeLimitClock()
-    limit = TimeLimit(25, clock=clock)
+    limit = TimeLimit(seconds, clock=clock, cost=cost)
     limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
     limit.model.stop_training = False
     limit.on_train_begin()
     ran = 0
     for epoch in range(10):
         limit.on_epoch_begin(epoch)
-        clock.now += 10
+        clock.now += epoch_seconds(epoch)
         limit.on_epoch_end(epoch)
         ran += 1
         if limit.model.stop_training:
             break
-    assert ran == 2  # a third would end at 30 s, past 25
+    return ran
+
+
+def test_time_limit_stops_at_the_last_epoch_that_fits():
+    assert epochs_within(25, lambda epoch: 10) == 2  # a third would end at 30 s, past 25
 
 
 def test_the_time_limit_expects_a_full_size_epoch_to_cost_more_than_a_low_resolution_one():
-    from convnet.train.fit_loop import TimeLimit
-
     def side(epoch):
         return 24 if epoch < 2 else 32
 
-    clock = TimeLimitClock()
-    limit = TimeLimit(35, clock=clock, cost=lambda epoch: side(epoch) ** 2)
-    limit.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
-    limit.model.stop_training = False
-    limit.on_train_begin()
-    ran = 0
-    for epoch in range(10):
-        limit.on_epoch_begin(epoch)
-        clock.now += 10 * side(epoch) ** 2 / 24**2
-        limit.on_epoch_end(epoch)
-        ran += 1
-        if limit.model.stop_training:
-            break
+    ran = epochs_within(35, lambda epoch: 10 * side(epoch) ** 2 / 24**2,
+                        cost=lambda epoch: side(epoch) ** 2)
     assert ran == 2  # the third, at 32 px, would take 17.8 s and end past 35 (not 30: inside)
 
 
