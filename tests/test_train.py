@@ -14,6 +14,7 @@ keras = pytest.importorskip("keras")
 from convnet import modeldir  # noqa: E402
 from convnet import train as training  # noqa: E402
 from convnet.cli import main  # noqa: E402
+from convnet.train import config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -598,7 +599,8 @@ def test_progressive_traces_the_train_step_no_more_often_than_a_plain_run(
         progressive_uninterrupted, resume_split, tmp_path):
     _, shapes = progressive_uninterrupted
     plain = TraceCount()
-    training.train(replace(PROGRESSIVE_CFG, progressive="off"), resume_split, tmp_path,
+    training.train(replace(PROGRESSIVE_CFG, progressive=config.PROGRESSIVE_OFF), resume_split,
+                   tmp_path,
                    callbacks=(plain,), verbose=0)
     assert len(shapes) == len(plain.shapes)  # no retrace at the switch, none per step
     assert all(s[1:] == (None, None, 3) for s in shapes)  # one graph for both sizes

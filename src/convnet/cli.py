@@ -115,11 +115,16 @@ def download(dest: Path, url: str | None, md5: str | None) -> None:
     click.echo(path)
 
 
-def _size_epochs(ctx, param, value: str | None) -> tuple[int, int] | str | None:
-    """SIZE:EPOCHS -> (SIZE, EPOCHS), two positive integers, or "off"; what they must be
-    beside the data and the run's epochs is train()'s to check (train.config.check_progressive)."""
-    if value is None or value == "off":
-        return value
+def _size_epochs(ctx, param, value: str | None) -> tuple[int, int] | None:
+    """SIZE:EPOCHS -> (SIZE, EPOCHS), two positive integers, or "off" -> PROGRESSIVE_OFF; what
+    they must be beside the data and the run's epochs is train()'s to check
+    (train.config.check_progressive)."""
+    from convnet.train.config import PROGRESSIVE_OFF
+
+    if value is None:
+        return None
+    if value == "off":
+        return PROGRESSIVE_OFF
     size, colon, epochs = value.partition(":")
     if colon and size.strip().isdigit() and epochs.strip().isdigit():
         parsed = int(size), int(epochs)

@@ -45,6 +45,7 @@ from convnet.train.config import (
     LOOPS,
     OPTIMIZERS,
     PRECISIONS,
+    PROGRESSIVE_OFF,
     TrainConfig,
     TrainError,
     check_progressive,
@@ -179,7 +180,7 @@ def choose_loop(cfg: TrainConfig, *, resume: bool = False, tensorboard: str | No
          cfg.image_size not in (None, 32)),
         ("--augment photo", cfg.augment == "photo"), ("--outliers", cfg.outliers),
         ("--optimizer muon", cfg.optimizer == "muon"),
-        ("--progressive", cfg.progressive not in (None, "off")),
+        ("--progressive", cfg.progressive not in (None, PROGRESSIVE_OFF)),
         ("class weights (--class-weight none turns them off)", weighted)) if present]
     if not blockers:
         return "device"
@@ -234,7 +235,7 @@ def train(cfg: TrainConfig, train_split: Split, out: str | os.PathLike, *,
     if cfg.progressive is None:
         cfg = replace(cfg, progressive=default_progressive(cfg, loop, keras.backend.backend(),
                                                            epochs_given=bool(given_epochs)))
-    elif cfg.progressive == "off":
+    elif cfg.progressive == PROGRESSIVE_OFF:
         cfg = replace(cfg, progressive=None)
     check_progressive(cfg, loop, keras.backend.backend())
     if optimizer == "muon":

@@ -40,9 +40,9 @@ class TrainConfig:
     # device_loop.default_precision)
     optimizer: str = "auto"  # "sgd" (airbench94), "muon" (airbench94_muon) or "auto"
     # ("auto": default_optimizer)
-    progressive: tuple[int, int] | str | None = None  # (side in pixels, epochs): the first
-    # epochs train on images downscaled to side x side, the rest at image_size; "off": all at
-    # image_size; None: default_progressive (resolved by train(): a tuple or None, i.e. off)
+    progressive: tuple[int, int] | None = None  # (side in pixels, epochs): the first epochs
+    # train on images downscaled to side x side, the rest at image_size; PROGRESSIVE_OFF: all at
+    # image_size; None: default_progressive (train() resolves it: a tuple, or None for off)
 
 
 class TrainError(ValueError):
@@ -80,6 +80,7 @@ MUON_MIN_IMAGES = 20_000
 # 18:49 on 2 cores against 90.68% for 9 epochs all at 32 px in 19:15 (bench/results/
 # cpu_train_fast_progressive.md). Only with its own epochs: --epochs N trains all at full size.
 MUON_PROGRESSIVE = {"fast": (3 / 4, 5 / 11)}
+PROGRESSIVE_OFF = (0, 0)  # TrainConfig.progressive asked to be off (`--progressive off`)
 
 # Photos: CutMix on half the batches (bench/results/flowers_probes.md)
 PHOTO_CUTMIX = 0.5
