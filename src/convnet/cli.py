@@ -119,7 +119,7 @@ def _size_epochs(ctx, param, value: str | None) -> tuple[int, int] | None:
     """SIZE:EPOCHS -> (SIZE, EPOCHS), two positive integers, or "off" -> PROGRESSIVE_OFF; what
     they must be beside the data and the run's epochs is train()'s to check
     (train.config.check_progressive)."""
-    from convnet.train.config import PROGRESSIVE_OFF
+    from convnet.sizing import PROGRESSIVE_OFF  # not train.config: that loads Keras
 
     if value is None:
         return None

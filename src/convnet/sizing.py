@@ -14,6 +14,9 @@ import math
 
 from convnet.data import CIFAR_SIZE, Survey
 
+# TrainConfig.progressive asked to be off (`--progressive off`): here, not in train.config, so the
+# command line can parse the option without loading Keras
+PROGRESSIVE_OFF = (0, 0)
 PHOTO_SIZE = 96  # default input side for photographs, pixels (flowers: 89% at 96 px, 87% at 64)
 MIN_SIZE = 32  # photos smaller than PHOTO_SIZE are used at their own size, but not below this
 SIZE_STEP = 8  # input sides are multiples of this

@@ -80,7 +80,7 @@ MUON_MIN_IMAGES = 20_000
 # 18:49 on 2 cores against 90.68% for 9 epochs all at 32 px in 19:15 (bench/results/
 # cpu_train_fast_progressive.md). Only with its own epochs: --epochs N trains all at full size.
 MUON_PROGRESSIVE = {"fast": (3 / 4, 5 / 11)}
-PROGRESSIVE_OFF = (0, 0)  # TrainConfig.progressive asked to be off (`--progressive off`)
+PROGRESSIVE_OFF = sizing.PROGRESSIVE_OFF  # TrainConfig.progressive asked to be off
 
 # Photos: CutMix on half the batches (bench/results/flowers_probes.md)
 PHOTO_CUTMIX = 0.5
