@@ -76,9 +76,10 @@ MUON_BATCH = {"fast": 2000, "quick": 1000}
 MUON_MIN_STEPS = 20
 MUON_MIN_IMAGES = 20_000
 # Progressive resizing by default, as (share of the side, share of the epochs): fast with Muon
-# trains its first 5 of 11 epochs at 24 px instead of 32 (0.58x the time an epoch): 91.36% in
-# 18:49 on 2 cores against 90.68% for 9 epochs all at 32 px in 19:15 (bench/results/
-# cpu_train_fast_progressive.md). Only with its own epochs: --epochs N trains all at full size.
+# trains its first 5 of 11 epochs at 24 px instead of 32 (0.58x the time an epoch): 91.32% (mean
+# of 3 seeds) in 18:40 on 2 cores, against 90.68% for 9 epochs all at 32 px in 19:15 (bench/
+# results/cpu_train_fast_progressive.md). Only with its own epochs: --epochs N trains all at
+# full size.
 MUON_PROGRESSIVE = {"fast": (3 / 4, 5 / 11)}
 PROGRESSIVE_OFF = sizing.PROGRESSIVE_OFF  # TrainConfig.progressive asked to be off
 
@@ -122,14 +123,23 @@ def default_epochs(preset: str, loop: str, num_train: int, optimizer: str = "sgd
                                          PRESET_EPOCHS)[preset])
 
 
+def _progressive_blockers(cfg: TrainConfig, loop: str, backend: str) -> list[str]:
+    """What in this run rules progressive resizing out, named as the user would say it."""
+    return [what for what, wrong in (
+        (f"the {cfg.preset} preset", cfg.preset not in models.PRESETS),
+        (f"--augment {cfg.augment}", cfg.augment != "airbench"),
+        ("the device loop", loop != "fit"),
+        (f"the {backend} backend", backend != "tensorflow")) if wrong]
+
+
 def default_progressive(cfg: TrainConfig, loop: str, backend: str,
                         epochs_given: bool) -> tuple[int, int] | None:
     """(side, epochs) for a resolved cfg whose progressive is None (not asked): MUON_PROGRESSIVE
     where it was measured (its preset with Muon, model.fit on TensorFlow, airbench augmentation)
     and the run keeps the preset's epochs; else None."""
     share = MUON_PROGRESSIVE.get(cfg.preset)
-    if (share is None or epochs_given or cfg.optimizer != "muon" or loop != "fit"
-            or backend != "tensorflow" or cfg.augment != "airbench"):
+    if (share is None or epochs_given or cfg.optimizer != "muon"
+            or _progressive_blockers(cfg, loop, backend)):
         return None
     full = cfg.image_size or 32
     side = max(models.MIN_IMAGE_SIZE, round(full * share[0]))
@@ -145,11 +155,7 @@ def check_progressive(cfg: TrainConfig, loop: str, backend: str) -> None:
     if cfg.progressive is None:
         return
     side, epochs = cfg.progressive
-    where = [what for what, wrong in (
-        (f"the {cfg.preset} preset", cfg.preset not in models.PRESETS),
-        (f"--augment {cfg.augment}", cfg.augment != "airbench"),
-        ("the device loop", loop != "fit"),
-        (f"the {backend} backend", backend != "tensorflow")) if wrong]
+    where = _progressive_blockers(cfg, loop, backend)
     if where:
         raise TrainError("--progressive works with model.fit on TensorFlow, for the fast and "
                          "quick presets with airbench augmentation; not with " + ", ".join(where))
