@@ -211,10 +211,13 @@ class LiveServer:
         raise RuntimeError(f"server not ready after {SERVER_START_TIMEOUT} s:\n{err[-4000:]}")
 
     def workers_serving(self) -> int:
-        """How many workers have loaded a model: /readyz answers once the first one has, and
-        a test that counts or kills workers needs all of them."""
-        body = http("GET", self.url + "/metrics", timeout=2)[2].decode()
-        return sum(line.startswith("convnet_model_version") for line in body.splitlines())
+        """How many workers have loaded a model and reached their accept loop: /readyz answers
+        once the first one has, and a test that counts or kills workers needs all of them."""
+        lines = http("GET", self.url + "/metrics", timeout=2)[2].decode().splitlines()
+        loaded = sum(line.startswith("convnet_model_version") for line in lines)
+        accepting = sum(line.startswith("convnet_worker_accepting") and line.endswith(" 1.0")
+                        for line in lines)
+        return min(loaded, accepting)
 
     def stop(self) -> tuple[str, str]:
         """SIGINT (Ctrl-C), as a person would stop it; returns (stdout, stderr)."""

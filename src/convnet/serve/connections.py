@@ -67,10 +67,11 @@ class ConnectionLedger:
                   if other != slot and count != FREE and self.accepting[other]]
         return min(others) if others else None
 
-    def live(self) -> dict[int, int]:
-        """Slot -> open connections, for every live worker."""
-        return {slot: count for slot, count in enumerate(self.counts[:self._used[0]])
-                if count != FREE}
+    def live(self) -> dict[int, tuple[int, bool]]:
+        """Slot -> (open connections, whether it accepts new ones), for every live worker. A
+        worker still starting (or stopping, or at its connection cap) does not accept."""
+        return {slot: (count, bool(self.accepting[slot]))
+                for slot, count in enumerate(self.counts[:self._used[0]]) if count != FREE}
 
 
 # The ledger and slot of the worker this process is, once it has started (worker.py); None in
@@ -79,7 +80,8 @@ current: tuple[ConnectionLedger, int] | None = None
 
 
 class LedgerCollector:
-    """convnet_worker_connections for /metrics, read from this process's ledger when it has one."""
+    """convnet_worker_connections and convnet_worker_accepting for /metrics, read from this
+    process's ledger when it has one."""
 
     def collect(self):
         # Imported here: the master imports this module before it points prometheus_client at
@@ -93,6 +95,12 @@ class LedgerCollector:
             "Open client connections per gunicorn worker (by slot; a replaced worker reuses its "
             "slot). Kept-alive connections stay with one worker, so an even spread matters.",
             labels=["worker"])
-        for slot, count in current[0].live().items():
+        accepting = GaugeMetricFamily(
+            "convnet_worker_accepting",
+            "1 while the gunicorn worker in this slot takes new connections; 0 while it starts, "
+            "stops, or holds its worker_connections.", labels=["worker"])
+        for slot, (count, accepts) in current[0].live().items():
             family.add_metric([str(slot)], count)
+            accepting.add_metric([str(slot)], int(accepts))
         yield family
+        yield accepting
