@@ -271,7 +271,8 @@ def running(target: Target, log_dir: Path):
                 raise SystemExit(f"{target.name} exited during start-up:\n"
                                  f"{log_path.read_text(errors='replace')[-3000:]}")
             with contextlib.suppress(OSError):
-                if http_get(target, target.ready_path, timeout=2)[0] == 200:
+                if http_get(target, target.ready_path, timeout=2)[0] == 200 \
+                        and all_workers_accept(target):
                     break
             if time.monotonic() > deadline:
                 raise SystemExit(f"{target.name} not ready after {READY_TIMEOUT} s")
@@ -286,6 +287,17 @@ def running(target: Target, log_dir: Path):
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def all_workers_accept(target: Target) -> bool:
+    """Whether every worker of our server has reached its accept loop. Its /readyz answers as
+    soon as the first one has loaded the model, and connections opened before the others accept
+    all stay with that one (kept alive): a row would measure one worker."""
+    if target.name not in ("convnet", "convnet-int8", "url"):
+        return True
+    _, text = http_get(target, "/metrics", timeout=2)
+    return all(value == b"1.0" for value in
+               re.findall(rb"^convnet_worker_accepting\{[^}]*\} (\S+)$", text, re.M))
 
 
 def batch_stats(target: Target) -> tuple[float, float] | None:

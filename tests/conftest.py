@@ -178,10 +178,11 @@ class LiveServer:
     """`convnet.serve.server.run` in a subprocess on a free port; stop() returns its output."""
 
     def __init__(self, model: Path | None, logs: Path, *, workers=2, threads=4, python_flags=(),
-                 config=None, model_config: Path | None = None):
+                 config=None, model_config: Path | None = None, setup: str = ""):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         code = (
+            f"{setup}\n"  # Python run first, e.g. to pick another worker class
             "from convnet.serve.server import run; "
             f"run(model={str(model) if model else None!r}, port={self.port}, workers={workers}, "
             f"threads={threads}, config={config!r}, "

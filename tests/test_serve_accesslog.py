@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 
 import pytest
@@ -119,6 +120,23 @@ def test_every_answer_has_a_fresh_request_id(model_root, tmp_path, red_png):
     ids.add(client.post(PREDICT, data=b"", content_type="text/plain").headers["X-Request-Id"])
     ids.add(client.get("/no/such/route").headers["X-Request-Id"])
     assert len(ids) == 7 and all(GENERATED_ID.fullmatch(i) for i in ids)
+
+
+def test_a_forked_process_makes_ids_of_its_own():
+    # gunicorn forks its workers from one master: a copied generator would repeat the ids
+    from convnet.serve.accesslog import _new_id
+
+    _new_id()  # the parent's generator exists before the fork
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child process)
+        os.write(writer, _new_id().encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    with os.fdopen(reader, "rb") as pipe:
+        theirs = pipe.read().decode()
+    assert GENERATED_ID.fullmatch(theirs) and theirs != _new_id()
 
 
 def test_stderr_by_default_and_off_when_empty(model_root, capsys):

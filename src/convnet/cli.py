@@ -498,7 +498,7 @@ def audit_cmd(data_path, model_dir, label_features, near_bits, as_json, out):
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(1), default=2, show_default=True,
               envvar="CONVNET_WORKERS", help="Gunicorn worker processes ($CONVNET_WORKERS).")
-@click.option("--threads", type=click.IntRange(1), default=8, show_default=True,
+@click.option("--threads", type=click.IntRange(1), default=16, show_default=True,
               envvar="CONVNET_THREADS", help="Threads per worker ($CONVNET_THREADS).")
 @click.option("--batch-max-size", type=click.IntRange(1), default=None,
               help="Images per inference call when concurrent requests are batched; 1 = off. "

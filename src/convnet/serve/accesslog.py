@@ -21,11 +21,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import random
 import re
 import sys
 import threading
 import time
-import uuid
 
 from flask import Flask, Response, current_app, g, request
 
@@ -59,12 +59,26 @@ class AccessLog:
             sys.stderr.flush()
 
 
+_generator: tuple[int, random.Random] | None = None  # this process's (pid, generator)
+
+
+def _new_id() -> str:
+    """128 random bits as 32 hex digits, as uuid4().hex but without uuid4's read of the
+    kernel's random source on every call: a system call that lets go of the GIL, which under
+    load another thread takes. Seeded from that source once per process (after a fork a
+    process never continues its parent's sequence)."""
+    global _generator
+    if _generator is None or _generator[0] != os.getpid():
+        _generator = (os.getpid(), random.Random())
+    return f"{_generator[1].getrandbits(128):032x}"
+
+
 def request_id() -> str:
     """This request's id (the client's if sane, else a new one)."""
     found = g.get("request_id")
     if found is None:
         supplied = request.headers.get(REQUEST_ID_HEADER, "")
-        found = supplied if SANE_REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+        found = supplied if SANE_REQUEST_ID.fullmatch(supplied) else _new_id()
         g.request_id = found
     return found
 

@@ -50,18 +50,31 @@ log = logging.getLogger(__name__)
 Infer = Callable[[np.ndarray], np.ndarray]  # (N, ...) inputs -> (N, ...) outputs, row for row
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class _Job:
     pixels: np.ndarray  # (n, S, S, 3) uint8, n <= max_batch_size
     announced_before: int  # arrivals with a lower ticket were announced before this job queued
     queued_at: float = field(default_factory=time.monotonic)  # seconds, monotonic clock
-    done: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
     result: np.ndarray | None = None
     error: BaseException | None = None
+    # Released once, when finished. Not a threading.Event, whose set() wakes the waiter while
+    # holding the Event's own lock, which the waiter then needs too: one wake-up, not two.
+    _done: threading.Lock = field(default_factory=_held_lock)
 
     def finish(self, result: np.ndarray | None = None, error: BaseException | None = None):
-        self.result, self.error = result, error
-        self.done.set()
+        self.result, self.error, self.finished = result, error, True
+        self._done.release()
+
+    def wait(self) -> None:
+        self._done.acquire()
+        self._done.release()  # so that a second wait returns too
 
 
 class Arrival:
@@ -146,7 +159,7 @@ class MicroBatcher:
         if jobs is None:
             return self.infer(pixels)
         for job in jobs:
-            job.done.wait()
+            job.wait()
         errors = [job.error for job in jobs if job.error is not None]
         if errors:
             raise errors[0]
@@ -212,7 +225,7 @@ class MicroBatcher:
                 stranded = [*batch, *self._queue]
                 self._queue.clear()
             for job in stranded:
-                if not job.done.is_set():
+                if not job.finished:
                     job.finish(error=RuntimeError(f"{self.name}: the batching thread stopped"))
 
     def _run(self, batch: list[_Job]) -> None:

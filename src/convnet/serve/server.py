@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import sys
 import tempfile
@@ -36,6 +37,9 @@ from convnet.serve.models_config import ConfigError, ModelsConfig, read_config
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 WORKER_BOOT_ERROR = 3  # gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR: the master halts on it
 KEYS_ENV, LIMITS_ENV = "CONVNET_API_KEYS_FILE", "CONVNET_RATE_LIMIT_STORAGE"
+# pollworker.py needs Linux's epoll; elsewhere its base, gthread with the same shutdown.
+WORKER_CLASS = ("convnet.serve.pollworker.PollingThreadWorker" if hasattr(select, "epoll")
+                else "convnet.serve.worker.DrainingThreadWorker")
 # Gunicorn 24+ opens a control socket in ~/.gunicorn by default: shared by every server a user
 # starts (tests start several at once) and not needed by us.
 OPTIONAL_SETTINGS = {"control_socket_disable"}
@@ -122,10 +126,12 @@ def run(
     host: str = "127.0.0.1",
     port: int = 8000,
     workers: int = 2,
-    # Per worker; requests in flight = workers x threads. 8 rather than 4: a worker's batches
-    # can only be as large as its threads, and 2 x 8 served 4-12% more requests/s than
-    # 2 x 4 on 2 cores (bench/results/serve_load.md).
-    threads: int = 8,
+    # Per worker; requests in flight = workers x threads. A worker's batches can only be as
+    # large as its threads: at concurrency 64 on 2 cores, 2 x 16 (batches of 8) served 2-6%
+    # more requests/s than 2 x 8 (batches of 4) in interleaved rounds since the request
+    # threads poll for themselves (pollworker.py); 24 and 32 gained nothing more and lengthened
+    # p99. Under gthread, 16 had been within noise of 8, and 8 4-12% above 4.
+    threads: int = 16,
     *,
     batch_max_size: int | None = None,  # images per inference call; 1 = no batching
     batch_delay_ms: float | None = None,  # ms a forming batch may wait (None: app defaults)
@@ -176,9 +182,9 @@ def run(
         "bind": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
         "workers": workers,
         "threads": threads,
-        # gthread, closing its listeners at once on SIGTERM so that no queued connection is
-        # reset (serve/worker.py)
-        "worker_class": "convnet.serve.worker.DrainingThreadWorker",
+        # request threads that poll their connections, listeners closed at once on SIGTERM so
+        # that no queued connection is reset (serve/pollworker.py, serve/worker.py)
+        "worker_class": WORKER_CLASS,
         "timeout": 60,  # seconds a worker may stay silent before it is restarted
         "graceful_timeout": 10,  # seconds to finish requests in flight on shutdown
         "keepalive": 5,  # seconds an idle keep-alive connection stays open

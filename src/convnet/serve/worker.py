@@ -1,4 +1,7 @@
-"""The gunicorn worker `convnet serve` runs: gthread, with a shutdown that loses no connection.
+"""gthread with a shutdown that loses no connection, and connections spread over the workers.
+
+`convnet serve` runs this worker where Linux's epoll is missing, and pollworker.py's, built on
+it, where it is not.
 
 On SIGTERM (docker stop, the kubelet) gthread stops accepting at once but keeps its listening
 socket open until its requests in flight are done; connections the kernel completes meanwhile
@@ -90,12 +93,23 @@ class DrainingThreadWorker(ThreadWorker):
             accepting = getattr(self, "_accepting", False) and self.alive
             self.ledger.publish(self.ledger_slot, self._nr_conns, accepting)
 
-    def accept(self, listener):
+    def accept(self, listener) -> None:  # the listeners' callback in gthread's poller
+        self._accept(listener)
+
+    def _accept(self, listener) -> bool:
+        """Take a connection waiting on `listener` unless this worker should stand back;
+        whether one was taken."""
         if self._should_stand_back():
             self._pause_listeners()
-            return
+            return False
         self._deferring_since = None
+        return self._take(listener)
+
+    def _take(self, listener) -> bool:
+        """gthread's accept, telling whether there was a connection to take."""
+        before = self.nr_conns  # only this (the main) thread changes it in gthread
         super().accept(listener)
+        return self.nr_conns != before
 
     def _should_stand_back(self) -> bool:
         """Whether another accepting worker holds more than SLACK fewer connections, and the
@@ -155,9 +169,7 @@ class DrainingThreadWorker(ThreadWorker):
             for listener in self.sockets:
                 # Take every connection already queued; the listener is non-blocking here.
                 while select.select([listener], [], [], 0)[0]:
-                    before = self.nr_conns
-                    self.accept(listener)
-                    if self.nr_conns == before:  # another worker took it first
+                    if not self._accept(listener):  # another worker took it first
                         break
         super().set_accept_enabled(enabled)
         if stopping:
