@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import inspect
 import io
 import json
 import signal
@@ -27,6 +28,9 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, free_port, machine, write_results
 from PIL import Image
+
+from convnet.modeldir import PRECISIONS
+from convnet.serve.server import run
 
 CIFAR_TEST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpeg" / \
     "test.tar.gz"
@@ -54,9 +58,10 @@ def multipart(image: bytes) -> bytes:
         f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def start_server(model: str | None, port: int, workers: int, threads: int, log) -> subprocess.Popen:
+def start_server(model: str | None, port: int, workers: int, threads: int, precision: str,
+                 log) -> subprocess.Popen:
     code = (f"from convnet.serve.server import run; run(model={model!r}, port={port}, "
-            f"workers={workers}, threads={threads})")
+            f"workers={workers}, threads={threads}, precision={precision!r})")
     return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=log)
 
 
@@ -108,8 +113,11 @@ def main() -> None:
     parser.add_argument("--model", help="model root or version folder (default: bundled)")
     parser.add_argument("--requests", type=int, default=1000, help="timed requests")
     parser.add_argument("--warmup", type=int, default=20, help="untimed requests first")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
+    serve_defaults = inspect.signature(run).parameters  # what `convnet serve` uses
+    parser.add_argument("--workers", type=int, default=serve_defaults["workers"].default)
+    parser.add_argument("--threads", type=int, default=serve_defaults["threads"].default)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the model file served (auto: int8 where the version has one)")
     parser.add_argument("--out", default=str(RESULTS / "serve_latency"),
                         help="results path without suffix (.md and .json); '' to skip")
     args = parser.parse_args()
@@ -118,7 +126,8 @@ def main() -> None:
     body = multipart(image)
     port = free_port()
     with tempfile.TemporaryFile() as log:
-        server = start_server(args.model, port, args.workers, args.threads, log)
+        server = start_server(args.model, port, args.workers, args.threads, args.precision,
+                              log)
         try:
             ready = wait_ready(port, server)
             measure(port, body, args.warmup)
@@ -137,7 +146,7 @@ def main() -> None:
 
     ms = times * 1000
     model = ready["model"]
-    facts = [f"model: {model['name']} version {model['version']}",
+    facts = [f"model: {model['name']} version {model['version']}, --precision {args.precision}",
              f"image: {source}, {len(image)} bytes, multipart upload, one per request, "
              f"sequential, one keep-alive connection, {args.warmup} untimed first",
              f"server: gunicorn, {args.workers} workers x {args.threads} threads, 127.0.0.1 "
