@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 
@@ -157,3 +158,19 @@ def test_worker_class_is_the_polling_one_on_linux():
     expected = "PollingThreadWorker" if hasattr(__import__("select"), "epoll") else "Draining"
     assert expected in server.WORKER_CLASS
     assert os.name != "posix" or server.WORKER_CLASS.startswith("convnet.serve.")
+
+
+@pytest.mark.slow
+def test_a_stopping_server_answers_a_kept_alive_connection_once_more_and_closes_it(server):
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(HEALTH)
+        assert read_answers(sock, 1) == [b"HTTP/1.1 200 OK"]
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the worker is stopping: no new connections, this one lingers
+        sock.sendall(HEALTH)
+        sock.settimeout(5)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
+    assert server.process.wait(timeout=15) == 0

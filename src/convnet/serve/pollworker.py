@@ -115,11 +115,16 @@ class PollingThreadWorker(DrainingThreadWorker):
             conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
         fd = conn.sock.fileno()
         with self._lock:
-            self._idle[fd] = conn
-        if new:
-            self._ready.register(fd, ARMED)
-        else:
-            self._ready.modify(fd, ARMED)
+            self._idle[fd] = conn  # first: the event may wake a request thread at once
+        try:
+            if new:
+                self._ready.register(fd, ARMED)
+            else:
+                self._ready.modify(fd, ARMED)
+        except OSError:
+            with self._lock:
+                self._idle.pop(fd, None)  # the caller closes it
+            raise
 
     def _serve_connections(self) -> None:
         """A request thread: take the next readable connection, answer it, arm it again."""
