@@ -11,9 +11,9 @@ keepalive setting, and runs the shutdown, which keeps worker.py's guarantees: li
 at once, requests in flight answered within graceful_timeout, idle connections kept for
 STOP_KEEPALIVE_LINGER at most, any request on one meanwhile answered with "Connection: close".
 
-What it bought (bench/results/serve_load.md, 2 cores): at concurrency 64 about 4 fewer thread
-switches a request, and enough lower CPU per request that 16 threads per worker (batches of 8)
-now pay where they did not under gthread.
+What it bought on 2 cores at concurrency 64 (README, *Serving under load*): 6 thread switches a
+request instead of 11, 8% less CPU per request, and enough of both that 16 threads per worker
+(batches of 8) now pay where they did not under gthread.
 
 Where select.epoll is missing (not Linux) server.py runs worker.DrainingThreadWorker instead.
 """
