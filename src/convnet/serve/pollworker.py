@@ -20,6 +20,7 @@ Where select.epoll is missing (not Linux) server.py runs worker.DrainingThreadWo
 
 from __future__ import annotations
 
+import math
 import select
 import selectors
 import socket
@@ -57,6 +58,7 @@ class PollingThreadWorker(DrainingThreadWorker):
         self.keepalived_conns = self._idle  # type: ignore[assignment]
         self._ready = select.epoll()
         self._stopped = threading.Event()  # the request threads' signal to end
+        self._linger_until = math.inf  # no idle connection outlives this (set when stopping)
         super().init_process()
 
     def run(self):
@@ -76,10 +78,7 @@ class PollingThreadWorker(DrainingThreadWorker):
                 break
 
         self.set_accept_enabled(False)  # worker.py: refuse new connections, take queued ones
-        linger = time.monotonic() + STOP_KEEPALIVE_LINGER
-        with self._lock:
-            for conn in self._idle.values():
-                conn.timeout = min(conn.timeout, linger)
+        self._linger_until = time.monotonic() + STOP_KEEPALIVE_LINGER
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while self.nr_conns > 0 and time.monotonic() < deadline:
             self.notify()
@@ -109,10 +108,8 @@ class PollingThreadWorker(DrainingThreadWorker):
 
     def _arm(self, conn: TConn, new: bool = False) -> None:
         """Wait for `conn`'s next request, for gunicorn's keepalive at most (less when
-        stopping): the first request thread woken for it takes it."""
+        stopping, see _expire_idle): the first request thread woken for it takes it."""
         conn.set_timeout()
-        if not self.alive:
-            conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
         fd = conn.sock.fileno()
         with self._lock:
             self._idle[fd] = conn  # first: the event may wake a request thread at once
@@ -168,19 +165,17 @@ class PollingThreadWorker(DrainingThreadWorker):
         conn.close(graceful=graceful)  # closing its socket also takes it out of _ready
 
     def _expire_idle(self, everything: bool = False) -> float:
-        """Close the idle connections whose keepalive ran out (every idle one if `everything`);
-        seconds until the next one runs out (1.0 at most)."""
+        """Close the idle connections whose keepalive (or, stopping, the linger) ran out, every
+        idle one if `everything`; seconds until the next one runs out (1.0 at most)."""
         now = time.monotonic()
         expired, next_due = [], now + 1.0
         with self._lock:
-            for fd, conn in self._idle.items():
-                if everything or conn.timeout <= now:
-                    expired.append(fd)
-                elif self.alive:
-                    next_due = conn.timeout  # oldest first: the rest run out later
+            for fd, conn in self._idle.items():  # oldest first, so the rest run out later
+                due = min(conn.timeout, self._linger_until)
+                if not everything and due > now:
+                    next_due = due
                     break
-                else:  # timeouts capped for the shutdown are out of that order
-                    next_due = min(next_due, conn.timeout)
+                expired.append(fd)
             gone = [self._idle.pop(fd) for fd in expired]
         for conn in gone:
             self._close(conn)
