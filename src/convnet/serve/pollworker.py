@@ -12,7 +12,7 @@ at once, requests in flight answered within graceful_timeout, idle connections k
 STOP_KEEPALIVE_LINGER at most, any request on one meanwhile answered with "Connection: close".
 
 What it bought on 2 cores at concurrency 64 (README, *Serving under load*): 6 thread switches a
-request instead of 11, 8% less CPU per request, and enough of both that 16 threads per worker
+request instead of 11, 7% less CPU per request, and enough of both that 16 threads per worker
 (batches of 8) now pay where they did not under gthread.
 
 Where select.epoll is missing (not Linux) server.py runs worker.DrainingThreadWorker instead.

@@ -127,7 +127,7 @@ def run(
     port: int = 8000,
     workers: int = 2,
     # Per worker; requests in flight = workers x threads. A worker's batches can only be as
-    # large as its threads: at concurrency 64 on 2 cores, 2 x 16 (batches of 8) served 2-6%
+    # large as its threads: at concurrency 64 on 2 cores, 2 x 16 (batches of 8) served 4-5%
     # more requests/s than 2 x 8 (batches of 4) in interleaved rounds since the request
     # threads poll for themselves (pollworker.py); 24 and 32 gained nothing more and lengthened
     # p99. Under gthread, 16 had been within noise of 8, and 8 4-12% above 4.
